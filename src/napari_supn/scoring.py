@@ -200,7 +200,7 @@ def score_crops(
         ``restoration_lr``).
     batch_size : int
         Crops per forward pass. Each pass decodes ``batch_size * samples``
-        decoded images.
+        images.
     generator : torch.Generator, optional
         Source of the latent noise, for reproducible scores. Must live on
         the model's device.
