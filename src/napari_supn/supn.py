@@ -1,0 +1,775 @@
+"""Gaussian likelihoods over images, parameterised by a precision Cholesky factor.
+
+Three distributions share one interface, :class:`StructuredNormal`:
+
+- :class:`SUPNormal`: the structured-uncertainty (SUPN) Gaussian, whose
+  precision Λ = L Lᵀ has a sparse lower-triangular factor L with local,
+  spatially varying weights;
+- :class:`DiagonalNormal`: L diagonal (one variance per pixel);
+- :class:`SphericalNormal`: L = I / σ (one variance for the whole image).
+
+Every distribution has batch shape ``(batch,)`` and event shape
+``(channels, height, width)``. All of them expose ``whiten`` (Lᵀ(x − μ)),
+``unwhiten`` (its inverse), ``log_prob``, ``sample``/``rsample``, ``mean`` and
+``precision_cholesky_dense``, so scoring code can treat them alike.
+
+Pixel order
+-----------
+The dense vector that L acts on lists the image pixel by pixel in raster order
+(row by row, left to right), and within one pixel channel 0 first. Element
+``(c, row, col)`` of a ``(channels, height, width)`` image therefore has index
+``(row * width + col) * channels + c``. This interleaved order differs from
+``image.flatten()`` when ``channels > 1``.
+
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch.distributions import Distribution, constraints
+
+__all__ = [
+    "MAX_DENSE_SIZE",
+    "DiagonalNormal",
+    "SUPNormal",
+    "SphericalNormal",
+    "StructuredNormal",
+    "forward_offsets",
+    "num_off_diagonal",
+    "off_diagonal_layout",
+]
+
+MAX_DENSE_SIZE = 4096
+"""Largest event size N = channels·height·width that ``precision_cholesky_dense``
+builds. One (N, N) float64 matrix of this size takes 128 MiB."""
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ----------------------------------------------------------------------------
+# Layout of the off-diagonal weights
+# ----------------------------------------------------------------------------
+
+
+def _check_radius(radius: int) -> None:
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+        raise ValueError(f"radius must be an integer >= 1, got {radius!r}")
+
+
+def _check_channels(channels: int) -> None:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
+
+
+def forward_offsets(radius: int) -> List[Tuple[int, int]]:
+    """List the (row, column) offsets of the forward half-window, in raster order.
+
+    These are the neighbours q = p + (drow, dcol) inside the (2r+1)×(2r+1)
+    window around a pixel p that come after p in raster order:
+    ``(0, 1) … (0, r)``, then ``(1, −r) … (1, r)``, …, ``(r, −r) … (r, r)``.
+
+    Parameters
+    ----------
+    radius : int
+        Window radius r >= 1.
+
+    Returns
+    -------
+    list of (int, int)
+        ((2r+1)² − 1) / 2 offsets: 4 for r = 1, 12 for r = 2.
+    """
+    _check_radius(radius)
+    offsets = [(0, dcol) for dcol in range(1, radius + 1)]
+    for drow in range(1, radius + 1):
+        offsets.extend((drow, dcol) for dcol in range(-radius, radius + 1))
+    return offsets
+
+
+def _num_same_pixel(channels: int) -> int:
+    return channels * (channels - 1) // 2
+
+
+def num_off_diagonal(radius: int, channels: int = 1) -> int:
+    """Count the off-diagonal weights stored per pixel.
+
+    With K = ((2r+1)² − 1) / 2 forward offsets and C channels the count is
+    C(C−1)/2 (same-pixel cross-channel terms) + C²·K (every channel pair for
+    every forward offset). See :class:`SUPNormal` for the order.
+
+    Parameters
+    ----------
+    radius : int
+        Window radius r >= 1.
+    channels : int
+        Number of image channels C >= 1.
+
+    Returns
+    -------
+    int
+        4 for r = 1 and 12 for r = 2 with one channel; 39 for r = 1 with three.
+    """
+    _check_radius(radius)
+    _check_channels(channels)
+    num_offsets = 2 * radius * (radius + 1)
+    return _num_same_pixel(channels) + channels * channels * num_offsets
+
+
+def off_diagonal_layout(radius: int, channels: int = 1) -> List[Tuple[int, int, int, int]]:
+    """Describe every channel of ``off_diag``.
+
+    Parameters
+    ----------
+    radius : int
+        Window radius r >= 1.
+    channels : int
+        Number of image channels C >= 1.
+
+    Returns
+    -------
+    list of (drow, dcol, row_channel, column_channel)
+        Entry k describes ``off_diag[:, k]``: the weight stored at pixel
+        (row, col) is L[j, i] with column i = (row, col, column_channel) and
+        row j = (row + drow, col + dcol, row_channel). Its length is
+        ``num_off_diagonal(radius, channels)``.
+    """
+    _check_radius(radius)
+    _check_channels(channels)
+    layout = []
+    for row_channel in range(1, channels):
+        for column_channel in range(row_channel):
+            layout.append((0, 0, row_channel, column_channel))
+
+    for drow, dcol in forward_offsets(radius):
+        for row_channel in range(channels):
+            for column_channel in range(channels):
+                layout.append((drow, dcol, row_channel, column_channel))
+    return layout
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return str(tuple(int(size) for size in shape))
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        count = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"{name} of shape {_shape_text(value.shape)} contains {count} non-finite "
+            "value(s) (NaN or inf); all values must be finite"
+        )
+
+
+def _check_like(name: str, value: torch.Tensor, reference: torch.Tensor) -> None:
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name} is on device {value.device} but mean is on {reference.device}; "
+            "move all parameters to one device"
+        )
+    if value.dtype != reference.dtype:
+        raise ValueError(
+            f"{name} has dtype {value.dtype} but mean has {reference.dtype}; "
+            "use one floating-point dtype for all parameters"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Common interface
+# ----------------------------------------------------------------------------
+
+
+class StructuredNormal(Distribution):
+    """Gaussian over images defined by a lower-triangular precision factor L.
+
+    Subclasses define the factor by implementing ``_whiten_centered``
+    (r ↦ Lᵀ r), ``_unwhiten_centered`` (w ↦ L⁻ᵀ w), ``_sum_log_diag``
+    (Σ log Lᵢᵢ per image) and ``precision_cholesky_dense``. This class
+    validates shapes and derives ``whiten``, ``unwhiten``, ``log_prob``,
+    ``sample`` and ``rsample`` from them.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Mean μ, shape (batch, channels, height, width).
+    validate_args : bool or None
+        When true (torch's default, see
+        ``torch.distributions.Distribution.set_default_validate_args``),
+        parameters and inputs are checked for NaN and inf, which costs one
+        device synchronisation per call. Shapes are always checked.
+    """
+
+    arg_constraints: Dict[str, constraints.Constraint] = {}
+    support = constraints.independent(constraints.real, 3)
+    has_rsample = True
+
+    def __init__(self, mean: torch.Tensor, validate_args: bool | None = None):
+        mean = _check_tensor("mean", mean)
+        if mean.dim() != 4:
+            raise ValueError(
+                f"mean has shape {_shape_text(mean.shape)} but must be 4-D "
+                "(batch, channels, height, width)"
+            )
+        self.loc = mean
+        super().__init__(
+            batch_shape=mean.shape[:1],
+            event_shape=mean.shape[1:],
+            validate_args=validate_args,
+        )
+        if self._validate_args:
+            _check_finite("mean", mean)
+
+    # -- shapes -------------------------------------------------------------
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean μ, shape (batch, channels, height, width)."""
+        return self.loc
+
+    @property
+    def event_size(self) -> int:
+        """Number N = channels·height·width of scalar values in one image."""
+        channels, height, width = self.event_shape
+        return channels * height * width
+
+    def _check_input(self, name: str, value: object) -> torch.Tensor:
+        value = _check_tensor(name, value)
+        expected = tuple(self.loc.shape)
+        if value.dim() < 4 or tuple(value.shape[-4:]) != expected:
+            raise ValueError(
+                f"{name} has shape {_shape_text(value.shape)} but must have shape "
+                f"(*sample_shape, {', '.join(str(size) for size in expected)}), "
+                "that is (*sample_shape, batch, channels, height, width) matching mean"
+            )
+        if value.device != self.loc.device:
+            raise ValueError(
+                f"{name} is on device {value.device} but the distribution is on "
+                f"{self.loc.device}; move {name} with .to({str(self.loc.device)!r})"
+            )
+        if self._validate_args:
+            _check_finite(name, value)
+        return value
+
+    # -- subclass hooks -----------------------------------------------------
+
+    def _whiten_centered(self, residual: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _unwhiten_centered(self, whitened: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sum_log_diag(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def precision_cholesky_dense(self) -> torch.Tensor:
+        """Build the dense precision factor L, shape (batch, N, N). Small images only."""
+        raise NotImplementedError
+
+    def _check_dense_size(self) -> int:
+        size = self.event_size
+        if size > MAX_DENSE_SIZE:
+            raise ValueError(
+                f"precision_cholesky_dense needs an (N, N) matrix with N = {size} for "
+                f"event shape {_shape_text(self.event_shape)}, above MAX_DENSE_SIZE = "
+                f"{MAX_DENSE_SIZE}; use whiten/unwhiten, which never form L densely"
+            )
+        return size
+
+    # -- public interface ---------------------------------------------------
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute the whitened residual w = Lᵀ(x − μ).
+
+        ‖w‖² is the squared Mahalanobis distance (x − μ)ᵀ Λ (x − μ), and w²
+        gives each value's share of it.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Images, shape (*sample_shape, batch, channels, height, width).
+
+        Returns
+        -------
+        torch.Tensor
+            Whitened residual, same shape as ``x``.
+        """
+        x = self._check_input("x", x)
+        return self._whiten_centered(x - self.loc)
+
+    def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
+        """Solve whiten(x) = w for x, that is x = μ + L⁻ᵀ w.
+
+        Parameters
+        ----------
+        whitened : torch.Tensor
+            Whitened values w, shape (*sample_shape, batch, channels, height, width).
+
+        Returns
+        -------
+        torch.Tensor
+            Images x, same shape as ``whitened``.
+        """
+        whitened = self._check_input("whitened", whitened)
+        return self.loc + self._unwhiten_centered(whitened)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Compute log N(x | μ, (L Lᵀ)⁻¹) = −N/2·log 2π + Σ log Lᵢᵢ − ½‖Lᵀ(x − μ)‖².
+
+        Parameters
+        ----------
+        value : torch.Tensor
+            Images x, shape (*sample_shape, batch, channels, height, width).
+
+        Returns
+        -------
+        torch.Tensor
+            Log density per image, shape (*sample_shape, batch).
+        """
+        whitened = self.whiten(value)
+        squared_distance = whitened.square().sum(dim=(-3, -2, -1))
+        constant = -0.5 * self.event_size * _LOG_2PI
+        return constant + self._sum_log_diag() - 0.5 * squared_distance
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
+        """Draw reparameterised samples μ + L⁻ᵀ ε with ε ~ N(0, I).
+
+        Gradients flow to all parameters.
+        NOTE: for SUPNormal the backward pass through the wavefront solve
+        allocates one full-size gradient per step, so it suits small images;
+        whiten and log_prob have cheap backward passes.
+
+        Returns
+        -------
+        torch.Tensor
+            Samples, shape (*sample_shape, batch, channels, height, width).
+        """
+        shape = self._extended_shape(torch.Size(sample_shape))
+        noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self._unwhiten_centered(noise)
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
+        """Draw samples without gradient tracking; shape as for :meth:`rsample`."""
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
+# ----------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------
+
+
+class SphericalNormal(StructuredNormal):
+    """Gaussian with covariance σ² I: the same variance for every pixel.
+
+    Give exactly one of ``log_sigma`` or ``variance``. L = I / σ, so
+    log Lᵢᵢ = −log σ.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Mean μ, shape (batch, channels, height, width).
+    log_sigma : float or torch.Tensor, optional
+        log σ, a number, a 0-D tensor or one value per image, shape (batch,).
+    variance : float or torch.Tensor, optional
+        σ² > 0, same forms as ``log_sigma``.
+    validate_args : bool or None
+        See :class:`StructuredNormal`.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        log_sigma: float | torch.Tensor | None = None,
+        variance: float | torch.Tensor | None = None,
+        validate_args: bool | None = None,
+    ):
+        super().__init__(mean, validate_args=validate_args)
+        if (log_sigma is None) == (variance is None):
+            raise ValueError("give exactly one of log_sigma or variance to SphericalNormal")
+
+        if variance is not None:
+            name = "variance"
+            value = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
+            if bool((value <= 0).any()):
+                raise ValueError(f"variance must be > 0, got {variance!r}")
+            log_sigma_tensor = 0.5 * torch.log(value)
+        else:
+            name = "log_sigma"
+            log_sigma_tensor = torch.as_tensor(log_sigma, dtype=mean.dtype, device=mean.device)
+
+        batch = mean.shape[0]
+        if log_sigma_tensor.shape not in (torch.Size([]), torch.Size([batch])):
+            raise ValueError(
+                f"{name} has shape {_shape_text(log_sigma_tensor.shape)} but must be a "
+                f"number, a 0-D tensor or shape ({batch},) (one value per image)"
+            )
+        if self._validate_args:
+            _check_finite(name, log_sigma_tensor)
+        self.log_sigma = log_sigma_tensor
+
+    def _log_sigma_image(self) -> torch.Tensor:
+        # Shape () or (batch, 1, 1, 1), so it broadcasts over images.
+        if self.log_sigma.dim() == 0:
+            return self.log_sigma
+        return self.log_sigma.reshape(-1, 1, 1, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per-value variance σ², shape (batch, channels, height, width)."""
+        return torch.exp(2.0 * self._log_sigma_image()).expand(self.loc.shape)
+
+    def _whiten_centered(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual * torch.exp(-self._log_sigma_image())
+
+    def _unwhiten_centered(self, whitened: torch.Tensor) -> torch.Tensor:
+        return whitened * torch.exp(self._log_sigma_image())
+
+    def _sum_log_diag(self) -> torch.Tensor:
+        return (-self.event_size * self.log_sigma).expand(self.batch_shape)
+
+    def precision_cholesky_dense(self) -> torch.Tensor:
+        """Build the dense precision factor L = I / σ, shape (batch, N, N). Small images only."""
+        size = self._check_dense_size()
+        diag = torch.exp(-self.log_sigma).expand(self.batch_shape)
+        eye = torch.eye(size, dtype=self.loc.dtype, device=self.loc.device)
+        return diag[:, None, None] * eye
+
+
+class DiagonalNormal(StructuredNormal):
+    """Gaussian with one variance per value: L diagonal.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Mean μ, shape (batch, channels, height, width).
+    log_diag : torch.Tensor
+        log Lᵢᵢ = −½ log σᵢ², shape (batch, channels, height, width).
+    validate_args : bool or None
+        See :class:`StructuredNormal`.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        log_diag: torch.Tensor,
+        validate_args: bool | None = None,
+    ):
+        super().__init__(mean, validate_args=validate_args)
+        log_diag = _check_tensor("log_diag", log_diag)
+        if log_diag.shape != mean.shape:
+            raise ValueError(
+                f"log_diag has shape {_shape_text(log_diag.shape)} but must match mean, "
+                f"shape {_shape_text(mean.shape)} (batch, channels, height, width)"
+            )
+        _check_like("log_diag", log_diag, mean)
+        if self._validate_args:
+            _check_finite("log_diag", log_diag)
+        self.log_diag = log_diag
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per-value variance σᵢ² = exp(−2 log Lᵢᵢ), shape (batch, channels, height, width)."""
+        return torch.exp(-2.0 * self.log_diag)
+
+    def _whiten_centered(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual * torch.exp(self.log_diag)
+
+    def _unwhiten_centered(self, whitened: torch.Tensor) -> torch.Tensor:
+        return whitened * torch.exp(-self.log_diag)
+
+    def _sum_log_diag(self) -> torch.Tensor:
+        return self.log_diag.sum(dim=(-3, -2, -1))
+
+    def precision_cholesky_dense(self) -> torch.Tensor:
+        """Build the dense diagonal factor L, shape (batch, N, N). Small images only."""
+        self._check_dense_size()
+        diag = torch.exp(self.log_diag).permute(0, 2, 3, 1).reshape(self.loc.shape[0], -1)
+        return torch.diag_embed(diag)
+
+
+# ----------------------------------------------------------------------------
+# SUPN
+# ----------------------------------------------------------------------------
+
+
+class _WavefrontPlan:
+    """Index tensors that drive the wavefront back-substitution for one image size.
+
+    Pixels are sorted by the wavefront number t = (r+1)·row + col, descending,
+    so that every step is a contiguous range of positions. Every forward
+    neighbour of a pixel has a strictly larger t, because a forward offset
+    (drow, dcol) has drow >= 1 and dcol >= −r, or drow = 0 and dcol >= 1.
+    """
+
+    def __init__(self, height: int, width: int, radius: int, device: torch.device):
+        rows = torch.arange(height).repeat_interleave(width)
+        cols = torch.arange(width).repeat(height)
+        wavefront = (radius + 1) * rows + cols
+
+        # Stable sort keeps raster order inside a step (any order would do).
+        order = torch.sort(-wavefront, stable=True).indices
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel())
+
+        num_pixels = height * width
+        neighbours = []
+        for drow, dcol in forward_offsets(radius):
+            row = rows + drow
+            col = cols + dcol
+            inside = (row < height) & (col >= 0) & (col < width)
+            raster = row.clamp(max=height - 1) * width + col.clamp(0, width - 1)
+            # Neighbours outside the image point at the extra all-zero slot.
+            neighbours.append(torch.where(inside, position[raster], num_pixels))
+        neighbour_position = torch.stack(neighbours, dim=1)[order]
+
+        counts = torch.bincount(wavefront, minlength=int(wavefront.max()) + 1).flip(0)
+        counts = counts[counts > 0]
+        bounds = torch.cumsum(counts, 0).tolist()
+        self.steps = list(zip([0] + bounds[:-1], bounds))
+
+        self.order = order.to(device)
+        self.position = position.to(device)
+        self.neighbours = neighbour_position.to(device)
+
+
+_PLAN_CACHE: Dict[Tuple[int, int, int, str], _WavefrontPlan] = {}
+
+
+def _wavefront_plan(height: int, width: int, radius: int, device: torch.device) -> _WavefrontPlan:
+    key = (height, width, radius, str(device))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = _WavefrontPlan(height, width, radius, device)
+        _PLAN_CACHE[key] = plan
+    return plan
+
+
+class SUPNormal(StructuredNormal):
+    """Structured-uncertainty Gaussian N(μ, (L Lᵀ)⁻¹) with a sparse local factor L.
+
+    L is lower triangular in the interleaved pixel order of this module (raster
+    order of pixels, channel 0 first within a pixel). Column i = (row, col, c)
+    has the diagonal Lᵢᵢ = exp(log_diag[:, c, row, col]) and off-diagonal
+    entries only on rows j that come after i:
+
+    - the same pixel, channel c' > c (``channels·(channels−1)/2`` weights);
+    - a pixel (row + drow, col + dcol) of the forward half-window of radius r
+      (see :func:`forward_offsets`), any channel c'.
+
+    The weight for L[j, i] is stored at the column's pixel (row, col), so
+    whitening is a spatially varying local correlation. ``off_diag`` channels
+    are ordered as follows (:func:`off_diagonal_layout` lists them):
+
+    1. same-pixel terms, row channel c' = 1 … C−1, then column channel
+       c = 0 … c'−1: channel index c'(c'−1)/2 + c;
+    2. for each forward offset o = 0 … K−1 in :func:`forward_offsets` order,
+       a C×C block in row-major order: channel index
+       C(C−1)/2 + o·C² + c'·C + c holds L[(row+drow, col+dcol, c'), (row, col, c)].
+
+    With one channel this is simply one channel per forward offset. Weights
+    whose row pixel lies outside the image have no entry in L and are ignored.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Mean μ, shape (batch, channels, height, width).
+    log_diag : torch.Tensor
+        log Lᵢᵢ, shape (batch, channels, height, width).
+    off_diag : torch.Tensor
+        Off-diagonal weights, shape (batch, num_off_diagonal(radius, channels),
+        height, width).
+    radius : int
+        Window radius r >= 1: r = 1 is a 3×3 window, r = 2 a 5×5 window.
+    validate_args : bool or None
+        See :class:`StructuredNormal`.
+
+    Notes
+    -----
+    ``whiten`` costs O(N·K) time and memory. ``unwhiten`` (hence sampling) solves
+    Lᵀ y = w by back-substitution over (r+1)·(height−1) + width wavefront steps,
+    each step solving all pixels with equal (r+1)·row + col for every image and
+    sample at once, channels of a pixel in reverse order.
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        log_diag: torch.Tensor,
+        off_diag: torch.Tensor,
+        radius: int,
+        validate_args: bool | None = None,
+    ):
+        super().__init__(mean, validate_args=validate_args)
+        _check_radius(radius)
+        batch, channels, height, width = mean.shape
+
+        log_diag = _check_tensor("log_diag", log_diag)
+        if log_diag.shape != mean.shape:
+            raise ValueError(
+                f"log_diag has shape {_shape_text(log_diag.shape)} but must match mean, "
+                f"shape {_shape_text(mean.shape)} (batch, channels, height, width)"
+            )
+
+        off_diag = _check_tensor("off_diag", off_diag)
+        num_weights = num_off_diagonal(radius, channels)
+        expected = (batch, num_weights, height, width)
+        if tuple(off_diag.shape) != expected:
+            raise ValueError(
+                f"off_diag has shape {_shape_text(off_diag.shape)} but radius={radius} "
+                f"with {channels} channel(s) needs {_shape_text(expected)}, that is "
+                "(batch, num_off_diagonal(radius, channels), height, width)"
+            )
+
+        _check_like("log_diag", log_diag, mean)
+        _check_like("off_diag", off_diag, mean)
+        if self._validate_args:
+            _check_finite("log_diag", log_diag)
+            _check_finite("off_diag", off_diag)
+
+        self.log_diag = log_diag
+        self.off_diag = off_diag
+        self.radius = radius
+
+    # -- whiten ---------------------------------------------------------------
+
+    def _whiten_centered(self, residual: torch.Tensor) -> torch.Tensor:
+        channels, height, width = self.event_shape
+        num_same = _num_same_pixel(channels)
+        whitened = residual * torch.exp(self.log_diag)
+
+        # Same pixel: w[c] += L[(p, c'), (p, c)] · r[c'] for c' > c.
+        for row_channel in range(1, channels):
+            first = row_channel * (row_channel - 1) // 2
+            weights = self.off_diag[:, first : first + row_channel]
+            target = whitened[..., :row_channel, :, :]
+            target.addcmul_(weights, residual[..., row_channel : row_channel + 1, :, :])
+
+        # Forward neighbours: w[c](p) += L[(p + o, c'), (p, c)] · r[c'](p + o).
+        # Only the part of the image whose neighbour lies inside is updated,
+        # which drops the entries that would point outside.
+        for index, (drow, dcol) in enumerate(forward_offsets(self.radius)):
+            if drow >= height or abs(dcol) >= width:
+                continue
+            col_start = max(0, -dcol)
+            col_stop = width - max(0, dcol)
+            target = whitened[..., : height - drow, col_start:col_stop]
+            neighbour = residual[..., drow:, col_start + dcol : col_stop + dcol]
+            base = num_same + index * channels * channels
+            for row_channel in range(channels):
+                first = base + row_channel * channels
+                weights = self.off_diag[:, first : first + channels, : height - drow, col_start:col_stop]
+                target.addcmul_(weights, neighbour[..., row_channel : row_channel + 1, :, :])
+        return whitened
+
+    # -- unwhiten -------------------------------------------------------------
+
+    def _unwhiten_centered(self, whitened: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = self.loc.shape
+        num_pixels = height * width
+        num_same = _num_same_pixel(channels)
+        plan = _wavefront_plan(height, width, self.radius, self.loc.device)
+        num_offsets = plan.neighbours.shape[1]
+
+        # Work in a pixel-major, batch-last layout, in wavefront order:
+        # gathers then copy contiguous rows of (channels, samples, batch).
+        sample_shape = whitened.shape[:-4]
+        num_samples = math.prod(sample_shape)
+        rhs = whitened.reshape(num_samples, batch, channels, num_pixels)
+        rhs = rhs.permute(3, 2, 0, 1)[plan.order]
+        diag = torch.exp(self.log_diag).reshape(batch, channels, num_pixels)
+        diag = diag.permute(2, 1, 0)[plan.order].unsqueeze(2)
+        neighbour_weights = self.off_diag[:, num_same:].reshape(
+            batch, num_offsets, channels, channels, num_pixels
+        )
+        # (pixel, offset, row channel, column channel, 1, batch)
+        neighbour_weights = neighbour_weights.permute(4, 1, 2, 3, 0)[plan.order].unsqueeze(4)
+        same_weights = self.off_diag[:, :num_same].reshape(batch, num_same, num_pixels)
+        same_weights = same_weights.permute(2, 1, 0)[plan.order].unsqueeze(2)
+
+        # Row num_pixels stays zero: it stands for neighbours outside the image.
+        solution = whitened.new_zeros(num_pixels + 1, channels, num_samples, batch)
+        for start, stop in plan.steps:
+            count = stop - start
+            index = plan.neighbours[start:stop].reshape(-1)
+            known = solution.index_select(0, index)
+            known = known.reshape(count, num_offsets, channels, num_samples, batch)
+            step_rhs = rhs[start:stop]
+            step_diag = diag[start:stop]
+
+            if channels == 1:
+                weights = neighbour_weights[start:stop, :, 0, 0]
+                correction = (weights * known[:, :, 0]).sum(dim=1)
+                value = (step_rhs[:, 0] - correction) / step_diag[:, 0]
+                solution[start:stop] = value.unsqueeze(1)
+                continue
+
+            # Σ over offsets and row channels of L[(q, c'), (p, c)] · y[(q, c')].
+            weights = neighbour_weights[start:stop]
+            correction = (weights * known.unsqueeze(3)).sum(dim=(1, 2))
+            partial = step_rhs - correction
+            same = same_weights[start:stop]
+
+            # Within the pixel, channel c needs the already solved c' > c.
+            solved: List[torch.Tensor] = [partial[:, 0]] * channels
+            for column_channel in range(channels - 1, -1, -1):
+                value = partial[:, column_channel]
+                for row_channel in range(column_channel + 1, channels):
+                    weight = same[:, row_channel * (row_channel - 1) // 2 + column_channel]
+                    value = value - weight * solved[row_channel]
+                solved[column_channel] = value / step_diag[:, column_channel]
+            solution[start:stop] = torch.stack(solved, dim=1)
+
+        result = solution[plan.position]
+        result = result.permute(2, 3, 1, 0).reshape(*sample_shape, batch, channels, height, width)
+        return result
+
+    # -- densities and dense factor -------------------------------------------
+
+    def _sum_log_diag(self) -> torch.Tensor:
+        return self.log_diag.sum(dim=(-3, -2, -1))
+
+    def precision_cholesky_dense(self) -> torch.Tensor:
+        """Build the dense factor L in the interleaved pixel order, shape (batch, N, N).
+
+        For tests and small images only.
+
+        Raises
+        ------
+        ValueError
+            If N = channels·height·width exceeds ``MAX_DENSE_SIZE``.
+        """
+        size = self._check_dense_size()
+        batch, channels, height, width = self.loc.shape
+        device = self.loc.device
+
+        diag = torch.exp(self.log_diag).permute(0, 2, 3, 1).reshape(batch, size)
+        dense = torch.diag_embed(diag)
+
+        rows = torch.arange(height, device=device).repeat_interleave(width)
+        cols = torch.arange(width, device=device).repeat(height)
+        weights = self.off_diag.reshape(batch, -1, height * width)
+        for index, (drow, dcol, row_channel, column_channel) in enumerate(
+            off_diagonal_layout(self.radius, channels)
+        ):
+            target_row = rows + drow
+            target_col = cols + dcol
+            inside = (target_row < height) & (target_col >= 0) & (target_col < width)
+            column = (rows * width + cols) * channels + column_channel
+            row = (target_row * width + target_col) * channels + row_channel
+            dense[:, row[inside], column[inside]] = weights[:, index, inside]
+        return dense
