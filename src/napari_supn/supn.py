@@ -348,10 +348,8 @@ class StructuredNormal(Distribution):
     def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
         """Draw reparameterised samples μ + L⁻ᵀ ε with ε ~ N(0, I).
 
-        Gradients flow to all parameters.
-        NOTE: for SUPNormal the backward pass through the wavefront solve
-        allocates one full-size gradient per step, so it suits small images;
-        whiten and log_prob have cheap backward passes.
+        Gradients flow to all parameters. For SUPNormal the backward pass
+        costs one more wavefront solve (with L instead of Lᵀ).
 
         Returns
         -------
@@ -507,56 +505,274 @@ class DiagonalNormal(StructuredNormal):
 # ----------------------------------------------------------------------------
 
 
-class _WavefrontPlan:
-    """Index tensors that drive the wavefront back-substitution for one image size.
+class _WindowLayout:
+    """Geometry of the padded, pixel-major layout used by the wavefront solves.
 
-    Pixels are sorted by the wavefront number t = (r+1)·row + col, descending,
-    so that every step is a contiguous range of positions. Every forward
-    neighbour of a pixel has a strictly larger t, because a forward offset
-    (drow, dcol) has drow >= 1 and dcol >= −r, or drow = 0 and dcol >= 1.
+    Images are padded by r pixels on every side and stored as
+    (samples, batch, padded pixels, channels), so the (r+1)×(2r+1) window
+    below-and-around a pixel, and the same window above-and-around it, are
+    plain strided views: no gather is needed. ``steps`` lists, for each
+    wavefront number t = (r+1)·row + col in increasing order, the padded flat
+    index of the step's first pixel (smallest row) and its pixel count.
+    Consecutive pixels of a step are ``pixel_stride`` apart, because the next
+    row is Wp further on and r+1 columns back. ``raster_steps`` gives the
+    same first pixels as raster indices row·W + col, ``raster_stride`` apart.
     """
 
-    def __init__(self, height: int, width: int, radius: int, device: torch.device):
-        rows = torch.arange(height).repeat_interleave(width)
-        cols = torch.arange(width).repeat(height)
-        wavefront = (radius + 1) * rows + cols
+    def __init__(self, height: int, width: int, radius: int):
+        self.height = height
+        self.width = width
+        self.radius = radius
+        self.padded_height = height + 2 * radius
+        self.padded_width = width + 2 * radius
+        self.num_padded = self.padded_height * self.padded_width
+        self.window_rows = radius + 1
+        self.window_cols = 2 * radius + 1
+        self.pixel_stride = self.padded_width - radius - 1
+        # A step has one pixel when W <= r + 1, so any positive stride will do.
+        self.raster_stride = max(1, width - radius - 1)
 
-        # Stable sort keeps raster order inside a step (any order would do).
-        order = torch.sort(-wavefront, stable=True).indices
-        position = torch.empty_like(order)
-        position[order] = torch.arange(order.numel())
+        steps = []
+        raster_steps = []
+        last_t = (radius + 1) * (height - 1) + width - 1
+        for t in range(last_t + 1):
+            first_row = max(0, -(-(t - (width - 1)) // (radius + 1)))
+            last_row = min(height - 1, t // (radius + 1))
+            first_col = t - (radius + 1) * first_row
+            first_index = (first_row + radius) * self.padded_width + first_col + radius
+            steps.append((first_index, last_row - first_row + 1))
+            raster_steps.append(first_row * width + first_col)
+        self.steps = steps
+        self.raster_steps = raster_steps
 
-        num_pixels = height * width
-        neighbours = []
-        for drow, dcol in forward_offsets(radius):
-            row = rows + drow
-            col = cols + dcol
-            inside = (row < height) & (col >= 0) & (col < width)
-            raster = row.clamp(max=height - 1) * width + col.clamp(0, width - 1)
-            # Neighbours outside the image point at the extra all-zero slot.
-            neighbours.append(torch.where(inside, position[raster], num_pixels))
-        neighbour_position = torch.stack(neighbours, dim=1)[order]
+    def pad(self, images: torch.Tensor) -> torch.Tensor:
+        """Copy (samples, batch, channels, height, width) into a zero padded pixel-major tensor."""
+        samples, batch, channels = images.shape[:3]
+        padded = images.new_zeros(samples, batch, self.padded_height, self.padded_width, channels)
+        interior = padded[:, :, self.radius : self.radius + self.height, self.radius : self.radius + self.width]
+        interior.copy_(images.permute(0, 1, 3, 4, 2))
+        return padded.reshape(samples, batch, self.num_padded, channels)
 
-        counts = torch.bincount(wavefront, minlength=int(wavefront.max()) + 1).flip(0)
-        counts = counts[counts > 0]
-        bounds = torch.cumsum(counts, 0).tolist()
-        self.steps = list(zip([0] + bounds[:-1], bounds))
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`pad`: return (samples, batch, channels, height, width)."""
+        samples, batch, _, channels = padded.shape
+        grid = padded.reshape(samples, batch, self.padded_height, self.padded_width, channels)
+        interior = grid[:, :, self.radius : self.radius + self.height, self.radius : self.radius + self.width]
+        return interior.permute(0, 1, 4, 2, 3).contiguous()
 
-        self.order = order.to(device)
-        self.position = position.to(device)
-        self.neighbours = neighbour_position.to(device)
+    def window_weights(self, off_diag: torch.Tensor, channels: int, padded: bool) -> torch.Tensor:
+        """Arrange off-diagonal weights as (batch, pixels, window rows, window cols, C, C).
+
+        Entry [b, p, dy, dx + r, c', c] holds L[(p + (dy, dx), c'), (p, c)]. The
+        backward half of the first window row is zero, and so is the diagonal
+        and upper triangle of the same-pixel block at (0, 0), so a window sum
+        over all entries only picks up the forward terms of L. With ``padded``
+        the pixels are the padded grid (zero weights outside the image),
+        otherwise the H·W raster pixels.
+        """
+        batch = off_diag.shape[0]
+        radius = self.radius
+        num_window = self.window_rows * self.window_cols
+        if padded:
+            weights = off_diag.new_zeros(
+                batch, self.padded_height, self.padded_width, num_window, channels, channels
+            )
+            interior = weights[:, radius : radius + self.height, radius : radius + self.width]
+        else:
+            weights = off_diag.new_empty(batch, self.height, self.width, num_window, channels, channels)
+            weights[:, :, :, : radius + 1].zero_()
+            interior = weights
+
+        num_same = _num_same_pixel(channels)
+        neighbour = off_diag[:, num_same:].reshape(
+            batch, num_window - radius - 1, channels, channels, self.height, self.width
+        )
+        interior[:, :, :, radius + 1 :].copy_(neighbour.permute(0, 4, 5, 1, 2, 3))
+        for row_channel in range(1, channels):
+            first = row_channel * (row_channel - 1) // 2
+            same = off_diag[:, first : first + row_channel].permute(0, 2, 3, 1)
+            interior[:, :, :, radius, row_channel, :row_channel].copy_(same)
+        return weights.reshape(batch, -1, self.window_rows, self.window_cols, channels, channels)
+
+    def pad_diagonal(self, log_diag: torch.Tensor) -> torch.Tensor:
+        """Arrange exp(log_diag) as (batch, padded pixels, channels), one outside the image."""
+        padded = self.pad(log_diag.unsqueeze(0))[0]
+        return torch.exp(padded)
 
 
-_PLAN_CACHE: Dict[Tuple[int, int, int, str], _WavefrontPlan] = {}
+_LAYOUT_CACHE: Dict[Tuple[int, int, int], _WindowLayout] = {}
 
 
-def _wavefront_plan(height: int, width: int, radius: int, device: torch.device) -> _WavefrontPlan:
-    key = (height, width, radius, str(device))
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
-        plan = _WavefrontPlan(height, width, radius, device)
-        _PLAN_CACHE[key] = plan
-    return plan
+def _window_layout(height: int, width: int, radius: int) -> _WindowLayout:
+    key = (height, width, radius)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        layout = _WindowLayout(height, width, radius)
+        _LAYOUT_CACHE[key] = layout
+    return layout
+
+
+def _step_view(tensor: torch.Tensor, first_index: int, count: int, layout: _WindowLayout) -> torch.Tensor:
+    """View (samples, batch, count, channels) of the step's pixels in a padded tensor."""
+    samples, batch, num_padded, channels = tensor.shape
+    return tensor.as_strided(
+        (samples, batch, count, channels),
+        (batch * num_padded * channels, num_padded * channels, layout.pixel_stride * channels, 1),
+        tensor.storage_offset() + first_index * channels,
+    )
+
+
+def _solve_transposed(
+    rhs: torch.Tensor, diagonal: torch.Tensor, weights: torch.Tensor, layout: _WindowLayout
+) -> torch.Tensor:
+    """Solve Lᵀ y = rhs by back-substitution, wavefront by wavefront (last one first).
+
+    ``rhs`` is padded (samples, batch, padded pixels, channels); ``diagonal``
+    and ``weights`` come from :meth:`_WindowLayout.pad_diagonal` and
+    :meth:`_WindowLayout.window_weights` (unpadded). Returns y in the layout
+    of ``rhs``.
+    """
+    samples, batch, num_padded, channels = rhs.shape
+    rows, cols = layout.window_rows, layout.window_cols
+    stride = layout.pixel_stride
+    solution = torch.zeros_like(rhs)
+    diagonal = diagonal.unsqueeze(0)
+
+    raster_stride = layout.raster_stride
+    for (first_index, count), first_raster in zip(reversed(layout.steps), reversed(layout.raster_steps)):
+        # y at the window of each step pixel, starting at (dy, dx) = (0, −r).
+        known = solution.as_strided(
+            (samples, batch, count, rows, cols, channels),
+            (batch * num_padded * channels, num_padded * channels, stride * channels,
+             layout.padded_width * channels, channels, 1),
+            solution.storage_offset() + (first_index - layout.radius) * channels,
+        )
+        last_raster = first_raster + (count - 1) * raster_stride
+        step_weights = weights[:, first_raster : last_raster + 1 : raster_stride]
+        step_rhs = _step_view(rhs, first_index, count, layout)
+        step_diagonal = _step_view(diagonal, first_index, count, layout)
+        step_solution = _step_view(solution, first_index, count, layout)
+
+        # Channels of one pixel in reverse order: channel c needs c' > c.
+        for channel in range(channels - 1, -1, -1):
+            column_weights = step_weights[..., channel].unsqueeze(0)
+            correction = (column_weights * known).sum(dim=(-3, -2, -1))
+            value = (step_rhs[..., channel] - correction) / step_diagonal[..., channel]
+            step_solution[..., channel].copy_(value)
+    return solution
+
+
+def _solve_forward(
+    rhs: torch.Tensor, diagonal: torch.Tensor, weights: torch.Tensor, layout: _WindowLayout
+) -> torch.Tensor:
+    """Solve L u = rhs by forward substitution, wavefront by wavefront (first one first).
+
+    Same layouts as :func:`_solve_transposed`, but with padded ``weights``. Row j of L collects the weights
+    stored at the pixels j − (dy, dx); the view below walks that window in
+    reverse, a = r − dy and b = r − dx, so that all its strides are positive.
+    """
+    samples, batch, num_padded, channels = rhs.shape
+    rows, cols = layout.window_rows, layout.window_cols
+    stride = layout.pixel_stride
+    radius = layout.radius
+    wide = layout.padded_width
+    num_window = rows * cols
+    entry = num_window * channels * channels
+    solution = torch.zeros_like(rhs)
+    diagonal = diagonal.unsqueeze(0)
+
+    for first_index, count in layout.steps:
+        corner = first_index - radius * wide - radius
+        known = solution.as_strided(
+            (samples, batch, count, rows, cols, channels),
+            (batch * num_padded * channels, num_padded * channels, stride * channels,
+             wide * channels, channels, 1),
+            solution.storage_offset() + corner * channels,
+        )
+        # weights[b, corner + a·Wp + b', r − a, 2r − b', c', c] for a ≤ r, b' ≤ 2r.
+        step_weights = weights.as_strided(
+            (batch, count, rows, cols, channels, channels),
+            (num_padded * entry, stride * entry,
+             wide * entry - cols * channels * channels, entry - channels * channels,
+             channels, 1),
+            weights.storage_offset() + corner * entry + (num_window - 1) * channels * channels,
+        )
+        step_rhs = _step_view(rhs, first_index, count, layout)
+        step_diagonal = _step_view(diagonal, first_index, count, layout)
+        step_solution = _step_view(solution, first_index, count, layout)
+
+        # Channels of one pixel in order: row c' needs the columns c < c'.
+        for channel in range(channels):
+            row_weights = step_weights[..., channel, :].unsqueeze(0)
+            correction = (row_weights * known).sum(dim=(-3, -2, -1))
+            value = (step_rhs[..., channel] - correction) / step_diagonal[..., channel]
+            step_solution[..., channel].copy_(value)
+    return solution
+
+
+class _Unwhiten(torch.autograd.Function):
+    """y = L⁻ᵀ w with an analytic backward pass.
+
+    With u = L⁻¹ g for the incoming gradient g: ∂/∂w = u and
+    ∂/∂L[j, i] = −uᵢ yⱼ, so log Lᵢᵢ gets −uᵢ yᵢ Lᵢᵢ and each off-diagonal
+    weight gets −uᵢ yⱼ, both summed over samples.
+    """
+
+    @staticmethod
+    def forward(ctx, whitened, log_diag, off_diag, radius):
+        samples_batch = whitened.shape[:-3]
+        batch, channels, height, width = log_diag.shape
+        layout = _window_layout(height, width, radius)
+
+        flat = whitened.reshape(-1, batch, channels, height, width)
+        diagonal = layout.pad_diagonal(log_diag)
+        weights = layout.window_weights(off_diag, channels, padded=False)
+        solution = _solve_transposed(layout.pad(flat), diagonal, weights, layout)
+
+        ctx.layout = layout
+        ctx.samples_batch = samples_batch
+        ctx.save_for_backward(log_diag, off_diag, solution)
+        return layout.unpad(solution).reshape(whitened.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        log_diag, off_diag, solution = ctx.saved_tensors
+        layout = ctx.layout
+        batch, channels, height, width = log_diag.shape
+        radius = layout.radius
+
+        diagonal = layout.pad_diagonal(log_diag)
+        weights = layout.window_weights(off_diag, channels, padded=True)
+        grad = grad_output.reshape(-1, batch, channels, height, width)
+        adjoint_padded = _solve_forward(layout.pad(grad), diagonal, weights, layout)
+        adjoint = layout.unpad(adjoint_padded)
+        grad_whitened = adjoint.reshape(grad_output.shape)
+
+        # −uᵢ yⱼ for every stored entry, as a local product of u and shifted y.
+        solution_grid = solution.reshape(
+            -1, batch, layout.padded_height, layout.padded_width, channels
+        ).permute(0, 1, 4, 2, 3)
+        inside = solution_grid[..., radius : radius + height, radius : radius + width]
+        grad_log_diag = -(adjoint * inside).sum(0) * torch.exp(log_diag)
+
+        grad_off_diag = torch.empty_like(off_diag)
+        num_same = _num_same_pixel(channels)
+        for row_channel in range(1, channels):
+            first = row_channel * (row_channel - 1) // 2
+            product = adjoint[:, :, :row_channel] * inside[:, :, row_channel : row_channel + 1]
+            grad_off_diag[:, first : first + row_channel] = -product.sum(0)
+        for index, (drow, dcol) in enumerate(forward_offsets(radius)):
+            shifted = solution_grid[
+                ..., radius + drow : radius + drow + height, radius + dcol : radius + dcol + width
+            ]
+            # (samples, batch, row channel, column channel, height, width)
+            product = shifted.unsqueeze(3) * adjoint.unsqueeze(2)
+            first = num_same + index * channels * channels
+            grad_off_diag[:, first : first + channels * channels] = -product.sum(0).reshape(
+                batch, channels * channels, height, width
+            )
+        return grad_whitened, grad_log_diag, grad_off_diag, None
 
 
 class SUPNormal(StructuredNormal):
@@ -679,64 +895,7 @@ class SUPNormal(StructuredNormal):
     # -- unwhiten -------------------------------------------------------------
 
     def _unwhiten_centered(self, whitened: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = self.loc.shape
-        num_pixels = height * width
-        num_same = _num_same_pixel(channels)
-        plan = _wavefront_plan(height, width, self.radius, self.loc.device)
-        num_offsets = plan.neighbours.shape[1]
-
-        # Work in a pixel-major, batch-last layout, in wavefront order:
-        # gathers then copy contiguous rows of (channels, samples, batch).
-        sample_shape = whitened.shape[:-4]
-        num_samples = math.prod(sample_shape)
-        rhs = whitened.reshape(num_samples, batch, channels, num_pixels)
-        rhs = rhs.permute(3, 2, 0, 1)[plan.order]
-        diag = torch.exp(self.log_diag).reshape(batch, channels, num_pixels)
-        diag = diag.permute(2, 1, 0)[plan.order].unsqueeze(2)
-        neighbour_weights = self.off_diag[:, num_same:].reshape(
-            batch, num_offsets, channels, channels, num_pixels
-        )
-        # (pixel, offset, row channel, column channel, 1, batch)
-        neighbour_weights = neighbour_weights.permute(4, 1, 2, 3, 0)[plan.order].unsqueeze(4)
-        same_weights = self.off_diag[:, :num_same].reshape(batch, num_same, num_pixels)
-        same_weights = same_weights.permute(2, 1, 0)[plan.order].unsqueeze(2)
-
-        # Row num_pixels stays zero: it stands for neighbours outside the image.
-        solution = whitened.new_zeros(num_pixels + 1, channels, num_samples, batch)
-        for start, stop in plan.steps:
-            count = stop - start
-            index = plan.neighbours[start:stop].reshape(-1)
-            known = solution.index_select(0, index)
-            known = known.reshape(count, num_offsets, channels, num_samples, batch)
-            step_rhs = rhs[start:stop]
-            step_diag = diag[start:stop]
-
-            if channels == 1:
-                weights = neighbour_weights[start:stop, :, 0, 0]
-                correction = (weights * known[:, :, 0]).sum(dim=1)
-                value = (step_rhs[:, 0] - correction) / step_diag[:, 0]
-                solution[start:stop] = value.unsqueeze(1)
-                continue
-
-            # Σ over offsets and row channels of L[(q, c'), (p, c)] · y[(q, c')].
-            weights = neighbour_weights[start:stop]
-            correction = (weights * known.unsqueeze(3)).sum(dim=(1, 2))
-            partial = step_rhs - correction
-            same = same_weights[start:stop]
-
-            # Within the pixel, channel c needs the already solved c' > c.
-            solved: List[torch.Tensor] = [partial[:, 0]] * channels
-            for column_channel in range(channels - 1, -1, -1):
-                value = partial[:, column_channel]
-                for row_channel in range(column_channel + 1, channels):
-                    weight = same[:, row_channel * (row_channel - 1) // 2 + column_channel]
-                    value = value - weight * solved[row_channel]
-                solved[column_channel] = value / step_diag[:, column_channel]
-            solution[start:stop] = torch.stack(solved, dim=1)
-
-        result = solution[plan.position]
-        result = result.permute(2, 3, 1, 0).reshape(*sample_shape, batch, channels, height, width)
-        return result
+        return _Unwhiten.apply(whitened, self.log_diag, self.off_diag, self.radius)
 
     # -- densities and dense factor -------------------------------------------
 
