@@ -623,41 +623,50 @@ def _step_view(tensor: torch.Tensor, first_index: int, count: int, layout: _Wind
 
 
 def _solve_transposed(
-    rhs: torch.Tensor, diagonal: torch.Tensor, weights: torch.Tensor, layout: _WindowLayout
+    rhs: torch.Tensor, log_diag: torch.Tensor, off_diag: torch.Tensor, layout: _WindowLayout
 ) -> torch.Tensor:
     """Solve Lᵀ y = rhs by back-substitution, wavefront by wavefront (last one first).
 
-    ``rhs`` is padded (samples, batch, padded pixels, channels); ``diagonal``
-    and ``weights`` come from :meth:`_WindowLayout.pad_diagonal` and
-    :meth:`_WindowLayout.window_weights` (unpadded). Returns y in the layout
-    of ``rhs``.
+    ``rhs`` is padded (samples, batch, padded pixels, channels) as made by
+    :meth:`_WindowLayout.pad`. Returns y in the same layout.
+
+    Row i of Lᵀ gives yᵢ = rhsᵢ / Lᵢᵢ − Σⱼ (L[j, i] / Lᵢᵢ) yⱼ. The solution
+    tensor starts as rhs / L_ii, and each pixel's window weight on itself is
+    set to 1, so one product and one sum finish a pixel.
+    Unsolved pixels inside the window (the pixel itself in other channels and
+    the pixels left of it in its row) carry zero weight.
     """
     samples, batch, num_padded, channels = rhs.shape
     rows, cols = layout.window_rows, layout.window_cols
     stride = layout.pixel_stride
-    solution = torch.zeros_like(rhs)
-    diagonal = diagonal.unsqueeze(0)
-
     raster_stride = layout.raster_stride
-    for (first_index, count), first_raster in zip(reversed(layout.steps), reversed(layout.raster_steps)):
+    radius = layout.radius
+
+    solution = rhs / layout.pad_diagonal(log_diag).unsqueeze(0)
+    weights = layout.window_weights(off_diag, channels, padded=False)
+    diagonal = torch.exp(log_diag).permute(0, 2, 3, 1).reshape(batch, -1, 1, 1, 1, channels)
+    weights.div_(diagonal).neg_()
+    for channel in range(channels):
+        weights[:, :, 0, radius, channel, channel] = 1.0
+
+    for (first_index, count), first_raster in zip(
+        reversed(layout.steps), reversed(layout.raster_steps)
+    ):
         # y at the window of each step pixel, starting at (dy, dx) = (0, −r).
         known = solution.as_strided(
             (samples, batch, count, rows, cols, channels),
             (batch * num_padded * channels, num_padded * channels, stride * channels,
              layout.padded_width * channels, channels, 1),
-            solution.storage_offset() + (first_index - layout.radius) * channels,
+            solution.storage_offset() + (first_index - radius) * channels,
         )
         last_raster = first_raster + (count - 1) * raster_stride
         step_weights = weights[:, first_raster : last_raster + 1 : raster_stride]
-        step_rhs = _step_view(rhs, first_index, count, layout)
-        step_diagonal = _step_view(diagonal, first_index, count, layout)
         step_solution = _step_view(solution, first_index, count, layout)
 
         # Channels of one pixel in reverse order: channel c needs c' > c.
         for channel in range(channels - 1, -1, -1):
             column_weights = step_weights[..., channel].unsqueeze(0)
-            correction = (column_weights * known).sum(dim=(-3, -2, -1))
-            value = (step_rhs[..., channel] - correction) / step_diagonal[..., channel]
+            value = (column_weights * known).sum(dim=(-3, -2, -1))
             step_solution[..., channel].copy_(value)
     return solution
 
@@ -667,7 +676,9 @@ def _solve_forward(
 ) -> torch.Tensor:
     """Solve L u = rhs by forward substitution, wavefront by wavefront (first one first).
 
-    Same layouts as :func:`_solve_transposed`, but with padded ``weights``. Row j of L collects the weights
+    ``rhs`` as for :func:`_solve_transposed`; ``diagonal`` and ``weights`` come
+    from :meth:`_WindowLayout.pad_diagonal` and :meth:`_WindowLayout.window_weights`
+    (padded). Row j of L collects the weights
     stored at the pixels j − (dy, dx); the view below walks that window in
     reverse, a = r − dy and b = r − dx, so that all its strides are positive.
     """
@@ -725,9 +736,7 @@ class _Unwhiten(torch.autograd.Function):
         layout = _window_layout(height, width, radius)
 
         flat = whitened.reshape(-1, batch, channels, height, width)
-        diagonal = layout.pad_diagonal(log_diag)
-        weights = layout.window_weights(off_diag, channels, padded=False)
-        solution = _solve_transposed(layout.pad(flat), diagonal, weights, layout)
+        solution = _solve_transposed(layout.pad(flat), log_diag, off_diag, layout)
 
         ctx.layout = layout
         ctx.samples_batch = samples_batch
