@@ -563,7 +563,7 @@ class _WindowLayout:
     def window_weights(self, off_diag: torch.Tensor, channels: int, padded: bool) -> torch.Tensor:
         """Arrange off-diagonal weights as (batch, pixels, window rows, window cols, C, C).
 
-        Entry [b, p, dy, dx + r, c', c] holds L[(p + (dy, dx), c'), (p, c)]. The
+        Entry [b, p, dy, dx + r, c', c] contains L[(p + (dy, dx), c'), (p, c)]. The
         backward half of the first window row is zero, and so is the diagonal
         and upper triangle of the same-pixel block at (0, 0), so a window sum
         over all entries only picks up the forward terms of L. With ``padded``
@@ -676,11 +676,12 @@ def _solve_forward(
 ) -> torch.Tensor:
     """Solve L u = rhs by forward substitution, wavefront by wavefront (first one first).
 
-    ``rhs`` as for :func:`_solve_transposed`; ``diagonal`` and ``weights`` come
-    from :meth:`_WindowLayout.pad_diagonal` and :meth:`_WindowLayout.window_weights`
-    (padded). Row j of L collects the weights
-    stored at the pixels j − (dy, dx); the view below walks that window in
-    reverse, a = r − dy and b = r − dx, so that all its strides are positive.
+    ``rhs`` is laid out as for :func:`_solve_transposed`. ``diagonal`` and
+    ``weights`` come from :meth:`_WindowLayout.pad_diagonal` and
+    :meth:`_WindowLayout.window_weights` (padded). Row j of L collects the
+    weights stored at the pixels j − (dy, dx). The view below walks that
+    window in reverse, a = r − dy and b = r − dx, so all its strides are
+    positive.
     """
     samples, batch, num_padded, channels = rhs.shape
     rows, cols = layout.window_rows, layout.window_cols
@@ -731,7 +732,6 @@ class _Unwhiten(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, whitened, log_diag, off_diag, radius):
-        samples_batch = whitened.shape[:-3]
         batch, channels, height, width = log_diag.shape
         layout = _window_layout(height, width, radius)
 
@@ -739,7 +739,6 @@ class _Unwhiten(torch.autograd.Function):
         solution = _solve_transposed(layout.pad(flat), log_diag, off_diag, layout)
 
         ctx.layout = layout
-        ctx.samples_batch = samples_batch
         ctx.save_for_backward(log_diag, off_diag, solution)
         return layout.unpad(solution).reshape(whitened.shape)
 
@@ -804,7 +803,7 @@ class SUPNormal(StructuredNormal):
        c = 0 … c'−1: channel index c'(c'−1)/2 + c;
     2. for each forward offset o = 0 … K−1 in :func:`forward_offsets` order,
        a C×C block in row-major order: channel index
-       C(C−1)/2 + o·C² + c'·C + c holds L[(row+drow, col+dcol, c'), (row, col, c)].
+       C(C−1)/2 + o·C² + c'·C + c contains L[(row+drow, col+dcol, c'), (row, col, c)].
 
     With one channel this is simply one channel per forward offset. Weights
     whose row pixel lies outside the image have no entry in L and are ignored.
