@@ -1,0 +1,1 @@
+"""napari docks of napari-supn: find, review and train (see napari.yaml)."""
