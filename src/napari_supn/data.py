@@ -146,7 +146,7 @@ def load_crops(folder: str | Path, *, use_masks: bool = True, limit: int | None 
     FileNotFoundError
         If the folder does not exist.
     ValueError
-        If it holds no images, a crop has no mask (or a mask no crop), or
+        If it contains no images, a crop has no mask (or a mask no crop), or
         crops differ in size, channels or dtype; the message names the file.
     """
     folder = Path(folder)

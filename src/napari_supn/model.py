@@ -4,10 +4,10 @@
 width), with intensities in (-1, 1), to a diagonal Gaussian posterior q(z | x)
 over a latent code z. From a latent sample, the mean decoder predicts the
 image mean μ(z), and the likelihood decoder predicts the parameters of the
-residual distribution around μ: nothing for the spherical likelihood (one
-fixed variance), one log-precision-factor value per pixel and channel for the
-diagonal likelihood, and those values plus the off-diagonal weights of the
-sparse Cholesky factor L for the SUPN likelihood.
+residual distribution around μ. The spherical likelihood has no such
+parameters (one fixed variance). The diagonal likelihood has one log Lᵢᵢ per
+pixel and channel, and the SUPN likelihood adds the off-diagonal weights of
+the sparse Cholesky factor L of the precision.
 
 Training runs in two stages (``napari_supn.training``): stage 1 trains the
 encoder and the mean decoder under the spherical likelihood, and stage 2

@@ -1,7 +1,7 @@
 """One self-describing ``.supn`` model file: weights plus everything needed to use them.
 
 A ``.supn`` file is a safetensors file. Its tensors are the ``SUPNVAE``
-state dict; its header metadata holds one key, ``napari_supn``, whose value
+state dict. Its header metadata has one key, ``napari_supn``, whose value
 is a JSON object with:
 
 - ``format_version``: integer, currently 1;

@@ -3,8 +3,8 @@
 The steps, in order:
 
 1. channel check: a grey model takes (N, H, W) crops, an RGB model
-   (N, H, W, 3) crops. RGB crops whose three channels are identical are
-   accepted by a grey model (grey stored as RGB); other RGB crops must be
+   (N, H, W, 3) crops. A grey model also accepts RGB crops whose three
+   channels are identical (grey stored as RGB). Other RGB crops must be
    converted explicitly with ``rgb_to_grey``.
 2. fixed intensity mapping to (−1, 1): raw value ``intensity_low`` maps to −1
    and ``intensity_high`` to +1, then values are clipped. The range comes
@@ -102,8 +102,8 @@ class Preprocessing:
         ``"percentile"`` (training-set percentiles) or ``"fixed"`` (given).
     mask_background : bool
         Whether pixels outside the cell mask are replaced by
-        ``background_value`` before blurring (the model then sees the cell
-        alone, and scoring needs masks).
+        ``background_value`` before blurring. The model then receives the
+        cell alone, and scoring needs masks.
     background_value : float
         Replacement value for masked-out pixels, in the (−1, 1) scale.
     crop_mode : str

@@ -16,8 +16,8 @@ Checkpoints are safetensors files (no pickle) holding the model weights, the
 Adam state, the batch-sampling random generator and a JSON header with the
 iteration, the stage and the loss history. They are written atomically every
 ``checkpoint_every`` iterations, at the end of a stage and on cancel, so the
-file on disk is always the last complete state; ``resume=True`` continues
-from it with the same optimizer state and random stream.
+file on disk is always a complete state. ``resume=True`` continues from it
+with the same optimizer state and random stream.
 """
 
 from __future__ import annotations
@@ -429,7 +429,7 @@ def train(
     Raises
     ------
     Cancelled
-        When ``cancel()`` returned True; the checkpoint holds the last step.
+        When ``cancel()`` returned True. The checkpoint then contains the last step.
     RuntimeError
         When the loss becomes NaN or infinite; the last checkpoint on disk
         is left as it was.

@@ -15,6 +15,15 @@ DEFAULT_THRESHOLD_QUANTILE = 0.99
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append "(default: X)" to option help, except where the default is None or False."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -29,10 +38,15 @@ def add_parser(subparsers) -> None:
             "A checkpoint is written next to the output (OUT.ckpt) so --resume can "
             "continue after an interruption."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
-    parser.add_argument("--data", required=True, type=Path, help="folder of healthy crops")
-    parser.add_argument("--out", required=True, type=Path, help="model file to write (.supn)")
+    parser.add_argument(
+        "--data", required=True, type=Path, metavar="DIR", help="folder of healthy crops"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="MODEL.supn", help="model file to write"
+    )
+
     parser.add_argument(
         "--likelihood",
         choices=("supn", "diagonal", "spherical"),
@@ -51,10 +65,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--init",
         type=Path,
+        metavar="MODEL.supn",
         default=None,
         help="existing model whose encoder, mean decoder, preprocessing and validation "
         "split are reused; runs stage 2 only",
     )
+
     parser.add_argument(
         "--iterations",
         type=int,
@@ -65,6 +81,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--stage1-iterations", type=int, default=6000, help="stage-1 iterations")
     parser.add_argument("--stage2-iterations", type=int, default=1500, help="stage-2 iterations")
     parser.add_argument("--batch-size", type=int, default=32, help="crops per iteration")
+
     parser.add_argument(
         "--variance",
         type=float,
@@ -90,6 +107,7 @@ def add_parser(subparsers) -> None:
         default="centred",
         help="how crops were cut from fields (stored for scoring whole fields)",
     )
+
     masks = parser.add_mutually_exclusive_group()
     masks.add_argument(
         "--masked",
@@ -106,6 +124,7 @@ def add_parser(subparsers) -> None:
         help="weight of the L1 penalty on the mean absolute off-diagonal weight (0: off)",
     )
     parser.add_argument("--rotations", action="store_true", help="add random 90° rotations to the flips")
+
     parser.add_argument(
         "--validation-fraction",
         type=float,
@@ -117,12 +136,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--mask-erosion", type=int, default=0, help="erode cell masks by this many model pixels before tiling"
     )
+
     parser.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
     parser.add_argument("--log-every", type=int, default=100, help="iterations between log lines")
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint file (default: OUT with .ckpt appended)"
     )
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, split, batches and noise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
