@@ -187,6 +187,23 @@ def write_field(out: Path, name: str, image: np.ndarray, labels: np.ndarray, rec
     print(f"{name}: {image.shape}, {len(records)} cells ({infected} infected); {sizes}")
 
 
+def build_fluorescence(data: Path, seed: int = SEED):
+    """Assemble the fluorescence field: 26 healthy and 4 infected fl_supn crops on a 6×5 grid."""
+    rng = np.random.default_rng(seed)
+    cells = read_fluorescence(data, n_healthy=26, n_infected=4, rng=rng)
+    # Dark background near the median out-of-mask level of fl_supn crops (about 20).
+    return assemble(cells, columns=6, slot=112, background=np.array(20.0), grain=3.0, rng=rng)
+
+
+def build_giemsa(data: Path, seed: int = SEED):
+    """Assemble the Giemsa field: 16 uninfected and 4 parasitized NIH crops on a 5×4 grid."""
+    rng = np.random.default_rng(seed + 1)
+    cells = read_giemsa(data, n_healthy=16, n_infected=4, rng=rng)
+    # Light pinkish-grey background, as between cells on a Giemsa thin smear.
+    background = np.array([228.0, 215.0, 218.0])
+    return assemble(cells, columns=5, slot=144, background=background, grain=2.0, rng=rng)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder with fl_supn/ and nih_malaria_cells/")
@@ -194,19 +211,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
     args = parser.parse_args()
 
-    rng = np.random.default_rng(args.seed)
-    cells = read_fluorescence(args.data, n_healthy=26, n_infected=4, rng=rng)
-    # Dark background near the median out-of-mask level of fl_supn crops (about 20).
-    image, labels, records = assemble(cells, columns=6, slot=112, background=np.array(20.0), grain=3.0, rng=rng)
-    write_field(args.out, "fluorescence_field", image, labels, records)
-
-    rng = np.random.default_rng(args.seed + 1)
-    cells = read_giemsa(args.data, n_healthy=16, n_infected=4, rng=rng)
-    # Light pinkish-grey background, as between cells on a Giemsa thin smear.
-    image, labels, records = assemble(
-        cells, columns=5, slot=144, background=np.array([228.0, 215.0, 218.0]), grain=2.0, rng=rng
-    )
-    write_field(args.out, "giemsa_field", image, labels, records)
+    write_field(args.out, "fluorescence_field", *build_fluorescence(args.data, args.seed))
+    write_field(args.out, "giemsa_field", *build_giemsa(args.data, args.seed))
 
 
 if __name__ == "__main__":
