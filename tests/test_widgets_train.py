@@ -102,3 +102,31 @@ def test_train_widget_rejects_wrong_suffix(make_napari_viewer, tmp_path):
 
     assert not train.run()
     assert ".supn" in train.status_label.text()
+
+
+def test_train_widget_from_fields_drops_outliers(make_napari_viewer, qtbot, tmp_path):
+    from napari_supn._sample_data import sample_paths
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    (fields / "field.png").write_bytes(sample_paths("fluorescence")["image"].read_bytes())
+    viewer = make_napari_viewer()
+    train = TrainWidget(viewer)
+    out = tmp_path / "from_fields.supn"
+    fill_tiny(train, out, iterations=3)
+    train.folder_edit.setText(str(fields))
+    train.source_combo.setCurrentIndex(train.source_combo.findData("fields"))
+    train.segmenter_combo.setCurrentText("classical")
+    train.drop_spin.setValue(20.0)
+    assert train.drop_spin.isEnabled()
+
+    with qtbot.waitSignal(train.run_finished, timeout=60_000) as finished:
+        assert train.run()
+    outcome = finished.args[0]
+
+    assert outcome.error is None, outcome.traceback
+    metadata = load_model(out).metadata["training_data"]
+    assert metadata["source"] == "fields"
+    assert metadata["crops"] >= 10
+    assert metadata["dropped_after_stage1"] > 0
+    assert metadata["training_crops"] + metadata["dropped_after_stage1"] + metadata["validation_crops"] == metadata["crops"]
