@@ -68,7 +68,7 @@ def test_train_widget_cancel_keeps_checkpoint(make_napari_viewer, qtbot, tmp_pat
     viewer = make_napari_viewer()
     train = TrainWidget(viewer)
     out = tmp_path / "cancelled.supn"
-    fill_tiny(train, out, iterations=100_000)
+    fill_tiny(train, out, iterations=3000)
 
     with qtbot.waitSignal(train.run_finished, timeout=60_000) as finished:
         assert train.run()
