@@ -268,8 +268,9 @@ def estimate_diameter(foreground: np.ndarray) -> Optional[float]:
     below the threshold count at full size. Touching cells form elongated
     components and are skipped. When fewer than 3 round components exist,
     the estimate is twice the median height of the local maxima of the
-    Euclidean distance transform that reach half its maximum: each cell of
-    a cluster gives one such maximum, about one cell radius high.
+    Euclidean distance transform that are at least ``MIN_DIAMETER / 2``
+    high: each cell of a cluster gives one such maximum, about one cell
+    radius high.
 
     Parameters
     ----------
@@ -292,8 +293,10 @@ def estimate_diameter(foreground: np.ndarray) -> Optional[float]:
         return float(np.median(round_diameters))
 
     distance = ndi.distance_transform_edt(foreground)
-    peaks = feature.peak_local_max(distance, min_distance=3, threshold_rel=0.5,
+    peaks = feature.peak_local_max(distance, min_distance=3, threshold_abs=MIN_DIAMETER / 2,
                                    exclude_border=False)
+    if len(peaks) == 0:
+        return float(2.0 * distance.max())
     return float(2.0 * np.median(distance[tuple(peaks.T)]))
 
 
