@@ -8,8 +8,8 @@ validation split. Then it runs stage 1 and stage 2 of
 threshold and writes one ``.supn`` file.
 
 NOTE: this repeats the orchestration in ``napari_supn.cli.train.run``,
-which has no progress or cancel hooks; both should call one library
-function once the training module offers it.
+because that function has no progress or cancel hooks. Both should call
+one library function once the training module offers it.
 """
 
 from __future__ import annotations
@@ -176,10 +176,10 @@ def run_training(
 ) -> TrainOutcome:
     """Train both stages and write the model file described by ``request``.
 
-    ``progress(done, total)`` counts iterations over both stages,
-    ``loss((stage, iteration, value))`` reports training losses, and
-    ``cancel()`` stops after the current iteration; the checkpoint then
-    contains the last completed step and no model file is written.
+    ``progress(done, total)`` counts iterations over both stages, and
+    ``loss((stage, iteration, value))`` reports training losses.
+    ``cancel()`` stops after the current iteration. The checkpoint then
+    contains the last completed step, and no model file is written.
     """
     import torch
 
