@@ -99,13 +99,13 @@ def model_threshold(metadata: dict) -> Optional[float]:
     """Return the default flagging threshold stored in a model's metadata, if any.
 
     Looks for ``metadata["threshold"]``, then the 0.99 quantile of
-    ``metadata["healthy_quantiles"]``.
+    ``metadata["healthy_score_quantiles"]`` (as written by the training).
     """
     if not isinstance(metadata, dict):
         return None
     if metadata.get("threshold") is not None:
         return float(metadata["threshold"])
-    quantiles = metadata.get("healthy_quantiles") or {}
+    quantiles = metadata.get("healthy_score_quantiles") or {}
     if DEFAULT_THRESHOLD_QUANTILE in quantiles:
         return float(quantiles[DEFAULT_THRESHOLD_QUANTILE])
     return None
