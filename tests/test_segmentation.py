@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from skimage import draw, measure
 
+from napari_supn._sample_data import load_sample
 from napari_supn.segmentation import (
     MAX_PIXELS,
     CellposeWeightsError,
@@ -174,3 +175,45 @@ def test_unreadable_weights_raise(tmp_path, touching_field_dark):
     broken.write_bytes(b"not a torch file")
     with pytest.raises(CellposeWeightsError, match="not a Cellpose 3 weights file"):
         segment(touching_field_dark, method="cellpose", cellpose_model=broken, device="cpu")
+
+
+def count_matched_cells(labels, truth, min_iou=0.5):
+    """Count true cells that one predicted label overlaps with IoU >= min_iou."""
+    matched = 0
+    for cell in range(1, int(truth.max()) + 1):
+        cell_mask = truth == cell
+        ids, overlaps = np.unique(labels[cell_mask], return_counts=True)
+        for label, overlap in zip(ids, overlaps):
+            if label == 0:
+                continue
+            union = cell_mask.sum() + (labels == label).sum() - overlap
+            if overlap / union >= min_iou:
+                matched += 1
+                break
+    return matched
+
+
+@pytest.mark.parametrize("sample, brightfield, min_matched", [
+    ("fluorescence", False, 28),
+    ("giemsa", True, 18),
+])
+def test_classical_matches_sample_field_cells(sample, brightfield, min_matched):
+    image, truth, cells = load_sample(sample)
+    assert truth.max() == len(cells)
+
+    result = segment(image, method="classical")
+
+    assert result.brightfield is brightfield
+    assert count_matched_cells(result.labels, truth) >= min_matched
+    assert abs(result.n_cells - len(cells)) <= 2
+
+
+def test_classical_finds_dim_fluorescence_cells():
+    # Positions 21 and 22 of the fluorescence sample have a mean intensity
+    # of about 24 on a background of 20 (uint8), far below Otsu's threshold.
+    image, truth, _ = load_sample("fluorescence")
+    result = segment(image, method="classical")
+    for position in (21, 22):
+        cell_mask = truth == position
+        assert result.labels[cell_mask].any(), f"dim cell {position} has no label"
+        assert count_matched_cells(result.labels, cell_mask.astype(np.uint8)) == 1
