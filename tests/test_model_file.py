@@ -72,6 +72,15 @@ def test_save_leaves_no_temporary_files(saved):
     assert sorted(os.listdir(path.parent)) == ["tiny.supn"]
 
 
+def test_saved_file_mode_follows_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_model(tmp_path / "mode.supn", tiny_model(), Preprocessing(downsample=4))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_loaded_model_moves_to_device(saved):
     loaded = load_model(saved[0], device="cpu")
     assert next(loaded.model.parameters()).device.type == "cpu"

@@ -59,13 +59,13 @@ def snapshot(module) -> dict:
 
 def test_short_real_run_lowers_loss(images):
     model = tiny_model()
-    config = fast_config(stage1_iterations=60, stage2_iterations=30, batch_size=16, log_every=10)
+    config = fast_config(stage1_iterations=40, stage2_iterations=20, batch_size=8, log_every=10)
     before_stage1 = evaluation_loss(model, images, 1, config)
     result = train(model, images, config, stage=1)
     after_stage1 = evaluation_loss(model, images, 1, config)
     assert after_stage1 < 0.5 * before_stage1
-    assert result.iterations == 60
-    assert len(result.losses) == 6
+    assert result.iterations == 40
+    assert len(result.losses) == 4
 
     before_stage2 = evaluation_loss(model, images, 2, config)
     train(model, images, config, stage=2)

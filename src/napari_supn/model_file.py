@@ -75,6 +75,10 @@ def _atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp creates the file readable by its owner only; apply the usual umask mode instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

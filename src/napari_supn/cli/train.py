@@ -152,6 +152,18 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _cpu_model() -> str | None:
+    """Return the CPU model name from /proc/cpuinfo (Linux), or None elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def hardware_summary(device) -> dict:
     """Describe where training ran, for the model metadata."""
     import torch
@@ -159,7 +171,7 @@ def hardware_summary(device) -> dict:
     summary = {
         "device": str(device),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
