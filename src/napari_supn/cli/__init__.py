@@ -17,7 +17,7 @@ from napari_supn import __version__
 
 # Command modules, in the order ``--help`` lists them. A module that does not
 # exist yet is skipped, so commands can land one at a time.
-COMMAND_MODULES = ("train", "evaluate", "score", "experiment", "demo")
+COMMAND_MODULES = ("train", "evaluate", "score", "calibrate", "experiment", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
