@@ -132,10 +132,10 @@ def tiny_fluorescence_model(tmp_path_factory) -> pathlib.Path:
     """
     import torch
 
-    from napari_supn._widgets.training_job import TrainRequest, run_training
+    from napari_supn.fitting import FitRequest, fit_model
 
     torch.set_num_threads(1)
-    request = TrainRequest(
+    request = FitRequest(
         data=DATA_DIR / "fl_supn",
         out=tmp_path_factory.mktemp("models") / "tiny_fluorescence.supn",
         stage1_iterations=5,
@@ -150,4 +150,4 @@ def tiny_fluorescence_model(tmp_path_factory) -> pathlib.Path:
         validation_fraction=0.25,
         device="cpu",
     )
-    return run_training(request, lambda done, total: None, lambda name: None, lambda: False).path
+    return fit_model(request).path

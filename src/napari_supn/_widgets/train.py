@@ -1,7 +1,7 @@
 """The "Train SUPN model" dock: train a model file from a folder in the background.
 
-Training runs :func:`napari_supn._widgets.training_job.run_training` in a
-worker thread with a progress bar, a live loss plot and a Cancel button.
+Training runs :func:`napari_supn.fitting.fit_model` in a worker thread
+with a progress bar, a live loss plot and a Cancel button.
 A cancelled run keeps its last checkpoint (``<output>.ckpt``) and writes no
 model file. A finished model is registered in the session model list, so
 the Find dock offers it at once.
@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_supn._widgets.common import BackgroundTask, TaskOutcome, notify, session_models
-from napari_supn._widgets.training_job import TrainRequest, run_training
+from napari_supn.fitting import FitRequest, fit_model
 
 logger = logging.getLogger("napari_supn")
 
@@ -217,7 +217,7 @@ class TrainWidget(QWidget):
         """Whether training is in progress."""
         return self._task is not None and self._task.running
 
-    def request(self) -> TrainRequest:
+    def request(self) -> FitRequest:
         """Build the training request from the form; raise ValueError for invalid input."""
         folder = self.folder_edit.text().strip()
         out = self.out_edit.text().strip()
@@ -225,10 +225,11 @@ class TrainWidget(QWidget):
             raise ValueError("choose a training folder")
         if not out:
             raise ValueError("choose an output file ending in .supn")
-        request = TrainRequest(
+        source = self.source_combo.currentData()
+        request = FitRequest(
             data=Path(folder).expanduser(),
             out=Path(out).expanduser(),
-            source=self.source_combo.currentData(),
+            source=source,
             likelihood=self.likelihood_combo.currentText(),
             radius=self.radius_spin.value(),
             stage1_iterations=self.stage1_spin.value(),
@@ -239,9 +240,12 @@ class TrainWidget(QWidget):
             depth=self.depth_spin.value(),
             base_width=self.width_spin.value(),
             latent_size=self.latent_spin.value(),
-            drop_fraction=self.drop_spin.value() / 100.0,
+            # The drop field is disabled for crop folders, so a value left in it must not apply.
+            drop_fraction=self.drop_spin.value() / 100.0 if source == "fields" else 0.0,
             segmenter=self.segmenter_combo.currentText(),
             cellpose_model=self.cellpose_edit.text().strip() or None,
+            log_every=50,
+            extra_metadata={"trained_in": "napari widget"},
         )
         request.validate()
         return request
@@ -258,7 +262,7 @@ class TrainWidget(QWidget):
 
         self.loss_plot.clear()
         self._task = BackgroundTask(
-            lambda progress, stage, cancel, loss: run_training(request, progress, stage, cancel, loss),
+            lambda progress, stage, cancel, loss: fit_model(request, progress, stage, cancel, loss),
             f"Training {request.out.name}",
             on_done=lambda outcome: self._finish(request, outcome),
             on_stage=lambda name: self.status_label.setText(f"Training {request.out.name}: {name}…"),
@@ -277,10 +281,10 @@ class TrainWidget(QWidget):
             self._task.cancel()
             self.status_label.setText("Cancelling after the current iteration…")
 
-    def _finish(self, request: TrainRequest, outcome: TaskOutcome) -> None:
+    def _finish(self, request: FitRequest, outcome: TaskOutcome) -> None:
         self.train_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        checkpoint = request.out.with_name(request.out.name + ".ckpt")
+        checkpoint = request.checkpoint_path
         try:
             if outcome.cancelled:
                 checkpoint_note = f"; the last checkpoint is kept at {checkpoint}" if checkpoint.exists() else ""
