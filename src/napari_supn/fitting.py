@@ -624,7 +624,7 @@ def fit_model(
     cancel: Optional[CancelCheck] = None,
     loss: Optional[LossCallback] = None,
 ) -> FitOutcome:
-    """Train the stages ``request`` asks for and write its model file.
+    """Train the stages that ``request`` sets and write its model file.
 
     Parameters
     ----------
