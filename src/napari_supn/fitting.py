@@ -1,7 +1,7 @@
 """One training run, from a folder to a ``.supn`` file, shared by the CLI and the Train dock.
 
-:func:`fit_model` carries out the whole run that ``napari-supn train`` and the
-"Train SUPN model" dock ask for:
+:func:`fit_model` carries out the whole run behind ``napari-supn train``
+and the "Train SUPN model" dock:
 
 1. read healthy crops from a folder, or segment every field of view in a
    folder and cut one crop per cell;
