@@ -8,7 +8,11 @@ does the work, the same function the Train dock calls.
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
+
+logger = logging.getLogger("napari_supn")
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -254,7 +258,32 @@ def _request(args):
 
 
 def run(args) -> int:
-    from napari_supn.fitting import fit_model
+    import signal
+    import threading
 
-    fit_model(_request(args))
+    from napari_supn.fitting import fit_model
+    from napari_supn.progress import Cancelled
+
+    # The first Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next
+    # iteration, which writes a checkpoint that --resume continues from.
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logger.warning("Stop requested (signal %d): writing a checkpoint, then exiting", signum)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
+    try:
+        fit_model(_request(args), cancel=stop.is_set)
+    except Cancelled:
+        print("Training stopped; run the same command with --resume to continue.", file=sys.stderr)
+        return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
