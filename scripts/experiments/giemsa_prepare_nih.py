@@ -10,7 +10,7 @@ crops, or BT.601 grey copies with ``--grey``) and ``OUT/NAME/mask``.
 Usage::
 
     python scripts/experiments/giemsa_prepare_nih.py \
-        --data ../shared/data/nih_malaria_cells --out runs/nih [--grey]
+        --data /path/to/nih_malaria_cells --out runs/nih [--grey]
 """
 
 from __future__ import annotations
