@@ -83,6 +83,37 @@ class EvaluationResult:
         }
 
 
+def masks_from_black_background(images: np.ndarray, threshold: float = 10) -> np.ndarray:
+    """Derive cell masks from crops whose background outside the cell is black.
+
+    A pixel is cell when its largest channel exceeds ``threshold`` (raw
+    units). Holes are filled and only the largest connected component is
+    kept.
+
+    Parameters
+    ----------
+    images : ndarray, shape (N, H, W) or (N, H, W, 3)
+        Raw crops.
+
+    Returns
+    -------
+    ndarray of bool, shape (N, H, W)
+    """
+    from scipy import ndimage
+
+    images = np.asarray(images)
+    foreground = images.max(axis=-1) > threshold if images.ndim == 4 else images > threshold
+    masks = np.zeros(foreground.shape, dtype=bool)
+    for index, cell in enumerate(foreground):
+        cell = ndimage.binary_fill_holes(cell)
+        labels, count = ndimage.label(cell)
+        if count > 1:
+            sizes = ndimage.sum(cell, labels, index=np.arange(1, count + 1))
+            cell = labels == 1 + int(np.argmax(sizes))
+        masks[index] = cell
+    return masks
+
+
 def score_folder(
     loaded,
     folder: str | Path,
@@ -107,6 +138,11 @@ def score_folder(
 
     crops = load_crops(folder)
     masks = crops.masks if use_masks else None
+    if masks is None and loaded.preprocessing.mask_background:
+        # A flat folder of crops with a black background (such as the NIH
+        # malaria crops) gives a masked model the masks it needs.
+        masks = masks_from_black_background(crops.images)
+        logger.info("No masks in %s: cell masks taken from the non-black pixels", folder)
     images, prepared_masks = loaded.preprocessing.prepare(crops.images, masks)
 
     device = next(loaded.model.parameters()).device
