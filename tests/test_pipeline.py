@@ -216,3 +216,51 @@ def test_model_threshold_reads_stored_values():
     assert model_threshold({"threshold": 3.5}) == 3.5
     assert model_threshold({"healthy_score_quantiles": {"0.99": 7.0}}) == 7.0
     assert model_threshold({}) is None
+
+
+@pytest.mark.parametrize(
+    "convert, message",
+    [
+        (lambda image: image.astype(np.uint16) * 257, "outside the model's intensity range"),
+        (lambda image: image / 255.0, "the brightest pixels reach"),
+        (lambda image: image.astype(np.int64) - 100, "outside the model's intensity range"),
+    ],
+)
+def test_wrong_intensity_units_are_clear_error(loaded, field, convert, message):
+    with pytest.raises(ValueError, match=message):
+        score_field(convert(field), loaded, segmenter="classical")
+
+
+def test_score_cli_rejects_duplicate_stems(model_path, tmp_path, capsys):
+    image = io.imread(SAMPLES / "fluorescence_field.png")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        io.imsave(tmp_path / folder / "same.png", image, check_contrast=False)
+    status = main(
+        [
+            "score",
+            str(tmp_path / "a" / "same.png"),
+            str(tmp_path / "b" / "same.png"),
+            "--model", str(model_path),
+            "--out", str(tmp_path / "out"),
+        ]
+    )
+    assert status == 2
+    assert "share the name 'same'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_cli_rejects_out_file_and_nan_threshold(model_path, tmp_path, capsys):
+    image_path = str(SAMPLES / "fluorescence_field.png")
+    existing = tmp_path / "results.csv"
+    existing.write_text("keep me")
+    status = main(["score", image_path, "--model", str(model_path), "--out", str(existing)])
+    assert status == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+    status = main(
+        ["score", image_path, "--model", str(model_path), "--out", str(tmp_path / "o"), "--threshold", "nan"]
+    )
+    assert status == 2
+    assert "--threshold must be a finite number" in capsys.readouterr().err

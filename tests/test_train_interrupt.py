@@ -64,3 +64,15 @@ def test_sigint_writes_checkpoint_and_resume_continues(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert out.is_file()
+
+
+def test_fresh_run_moves_old_checkpoint_aside(tmp_path):
+    out = tmp_path / "again.supn"
+    old_checkpoint = Path(str(out) + ".ckpt")
+    old_checkpoint.write_bytes(b"an earlier run's checkpoint")
+    command = train_command(out, "--stage1-iterations", "2", "--stage2-iterations", "1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    previous = Path(str(old_checkpoint) + ".previous")
+    assert previous.read_bytes() == b"an earlier run's checkpoint"
+    assert "moved it to" in result.stderr

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from napari_supn.preprocessing import check_intensity_units
 from napari_supn.progress import CancelCheck, ProgressCallback
 from napari_supn.scoring import DEFAULT_SAMPLES, DEFAULT_TILE, CropScores, score_crops
 
@@ -137,6 +138,7 @@ def score_folder(
     from napari_supn.data import load_crops
 
     crops = load_crops(folder)
+    check_intensity_units(crops.images, loaded.preprocessing, str(folder))
     masks = crops.masks if use_masks else None
     if masks is None and loaded.preprocessing.mask_background:
         # A flat folder of crops with a black background (such as the NIH

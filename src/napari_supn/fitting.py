@@ -670,6 +670,16 @@ def fit_model(
     device = select_device(request.device)
     out = Path(request.out)
     checkpoint_path = request.checkpoint_path
+    if not request.resume and checkpoint_path.exists():
+        # Starting afresh would overwrite the old checkpoint at the first save;
+        # keep it next to the new one so an unfinished run is never lost.
+        previous = checkpoint_path.with_name(checkpoint_path.name + ".previous")
+        checkpoint_path.replace(previous)
+        logger.warning(
+            "Checkpoint %s exists and --resume was not given: moved it to %s and starting afresh",
+            checkpoint_path,
+            previous,
+        )
     init = load_model(request.init) if request.init is not None else None
     stages = resolve_stages(request)
 

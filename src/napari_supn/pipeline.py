@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from napari_supn.preprocessing import check_intensity_units
 from napari_supn.progress import CancelCheck, ProgressCallback, check_cancel, report
 from napari_supn.scoring import DEFAULT_SAMPLES, DEFAULT_TILE, score_crops
 
@@ -253,6 +254,7 @@ def score_field(
     loaded = _resolve_model(model, device)
     preprocessing = loaded.preprocessing
     image = match_channels(image, preprocessing.channels)
+    check_intensity_units(image, preprocessing, "image")
     height, width = image.shape[:2]
     if height * width > max_pixels:
         raise ValueError(

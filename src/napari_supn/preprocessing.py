@@ -310,6 +310,68 @@ class Preprocessing:
         return x.contiguous(), mask_tensor
 
 
+#: Largest share of pixels allowed outside the model's intensity range.
+MAX_OUT_OF_RANGE_FRACTION = 0.01
+#: Smallest share of the model's intensity range the brightest pixels must reach.
+MIN_RANGE_FRACTION = 0.05
+
+
+def check_intensity_units(values: np.ndarray, preprocessing: "Preprocessing", source: str) -> None:
+    """Raise when an image's intensities are not in the units the model was trained on.
+
+    Scaling clips values outside the model's fixed range, so a 16-bit image
+    given to an 8-bit model saturates and every cell looks anomalous, while
+    a float image in [0, 1] given to the same model looks flat and healthy.
+    Both raise here instead. Constant images (an empty field) pass, so that
+    they reach the "no cells found" path.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Raw pixel values of an image or a stack of crops, any shape.
+    preprocessing : Preprocessing
+        The model's preprocessing, whose ``intensity_low`` and
+        ``intensity_high`` give the expected range.
+    source : str
+        What the values are, for the message (a file name or "image").
+
+    Raises
+    ------
+    ValueError
+        If more than 1 % of the pixels lie outside the range, or the
+        brightest 0.1 % of pixels reach less than 5 % of it.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        return
+    sample = values.reshape(-1)
+    if sample.size > 1_000_000:
+        sample = sample[:: sample.size // 1_000_000]
+    sample = sample.astype(np.float64)
+    low, high = preprocessing.intensity_low, preprocessing.intensity_high
+    span = high - low
+    if sample.min() == sample.max():
+        return
+
+    outside = float(np.mean((sample < low - 1e-6 * span) | (sample > high + 1e-6 * span)))
+    if outside > MAX_OUT_OF_RANGE_FRACTION:
+        raise ValueError(
+            f"{source}: {100 * outside:.1f} % of the pixels (range {sample.min():g} to "
+            f"{sample.max():g}, dtype {values.dtype}) lie outside the model's intensity "
+            f"range {low:g} to {high:g}; convert the image to the units of the training data "
+            "(for example 16-bit to 8-bit by dividing by 257) or train a model on such images"
+        )
+
+    bright = float(np.quantile(sample, 0.999))
+    if bright < low + MIN_RANGE_FRACTION * span:
+        raise ValueError(
+            f"{source}: the brightest pixels reach {bright:g} (dtype {values.dtype}) but the "
+            f"model expects intensities from {low:g} to {high:g}; convert the image to those "
+            "units (for example a float image in [0, 1] times 255 for an 8-bit model) or "
+            "train a model on such images"
+        )
+
+
 def equivalent_diameters(masks: np.ndarray) -> np.ndarray:
     """Return each mask's equivalent circle diameter 2·sqrt(area/π), in pixels, (N,)."""
     masks = np.asarray(masks) > 0

@@ -89,6 +89,51 @@ def write_outputs(result, out: Path, stem: str) -> list[Path]:
     return paths
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Reject arguments that would fail or overwrite results only after scoring.
+
+    Raises
+    ------
+    ValueError
+        If two images share a file stem (their outputs would overwrite each
+        other), --out is an existing file, or --threshold is not finite.
+    """
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is an existing file; pass a folder for the outputs")
+
+    stems: dict[str, Path] = {}
+    for path in args.images:
+        if path.stem in stems and stems[path.stem].resolve() != path.resolve():
+            raise ValueError(
+                f"{stems[path.stem]} and {path} share the name {path.stem!r}, so their outputs in "
+                f"{args.out} would overwrite each other; score them into separate --out folders"
+            )
+        stems[path.stem] = path
+
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ValueError(f"--threshold must be a finite number, got {args.threshold}")
+
+
+def warn_if_settings_differ(loaded, args: argparse.Namespace) -> None:
+    """Warn when score settings differ from those the stored threshold was computed with."""
+    from napari_supn.cli.evaluate import scoring_defaults
+
+    if args.threshold is not None:
+        return
+    stored = scoring_defaults(loaded.metadata)
+    changed = [
+        f"{name} {value} (model: {stored[name]})"
+        for name, value in (("samples", args.samples), ("tile", args.tile))
+        if value is not None and value != stored[name]
+    ]
+    if changed:
+        logger.warning(
+            "The model's threshold was computed with other score settings (%s), so flagging "
+            "may be off; pass --threshold or run napari-supn calibrate with these settings",
+            ", ".join(changed),
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from napari_supn.data import read_image
     from napari_supn.device import select_device
@@ -98,9 +143,11 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"image not found: {', '.join(missing)}")
+    check_arguments(args)
 
     device = select_device(args.device)
     loaded = load_model(args.model, device=device)
+    warn_if_settings_differ(loaded, args)
 
     for path in args.images:
         started = time.perf_counter()
