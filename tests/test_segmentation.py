@@ -9,9 +9,13 @@ from napari_supn._sample_data import load_sample
 from napari_supn.segmentation import (
     MAX_PIXELS,
     CellposeWeightsError,
+    _resolve_diameter,
+    detect_brightfield,
     estimate_diameter,
     find_cellpose_weights,
     segment,
+    to_grey,
+    validate_image,
 )
 
 # Grid centres of the assembled NIH field (see conftest.assemble_touching_field):
@@ -217,3 +221,61 @@ def test_classical_finds_dim_fluorescence_cells():
         cell_mask = truth == position
         assert result.labels[cell_mask].any(), f"dim cell {position} has no label"
         assert count_matched_cells(result.labels, cell_mask.astype(np.uint8)) == 1
+
+
+def tile_sample(key, repeats, shape=None):
+    """Tile a sample field ``repeats`` times per axis and crop it to ``shape``.
+
+    Returns the field, the sample's cell table, and the number of cells
+    expected in the field (the sample's count scaled by area).
+    """
+    image, _, cells = load_sample(key)
+    tiled = np.tile(image, (repeats, repeats) + (1,) * (image.ndim - 2))
+    if shape is not None:
+        tiled = tiled[:shape[0], :shape[1]]
+    area_ratio = (tiled.shape[0] * tiled.shape[1]) / (image.shape[0] * image.shape[1])
+    return tiled, cells, len(cells) * area_ratio
+
+
+def sample_diameter(cells):
+    """Median equivalent diameter of the pasted cells, in pixels."""
+    return float(np.sqrt(4 * np.median(cells["area"]) / np.pi))
+
+
+@pytest.mark.parametrize("key, shape, brightfield", [
+    ("fluorescence", None, False),
+    ("fluorescence", (960, 1280), False),
+    ("giemsa", (960, 1280), True),
+])
+def test_classical_on_tiled_sample_fields(key, shape, brightfield):
+    image, cells, expected_cells = tile_sample(key, 2, shape)
+
+    result = segment(image, method="classical")
+
+    assert result.brightfield is brightfield
+    assert result.diameter == pytest.approx(sample_diameter(cells), rel=0.15)
+    assert result.n_cells >= 0.75 * expected_cells
+
+
+def test_polarity_and_diameter_on_7x7_tiled_fluorescence():
+    # 3920×4704 px: the polarity check must not shrink these 63 px cells
+    # below a recognisable size. A full segmentation takes about 20 s, so
+    # the two estimates are tested directly.
+    image, cells, _ = tile_sample("fluorescence", 7)
+    image = validate_image(image)
+
+    brightfield = detect_brightfield(image)
+    diameter = _resolve_diameter(to_grey(image), None)
+
+    assert brightfield is False
+    assert diameter == pytest.approx(sample_diameter(cells), rel=0.15)
+
+
+def test_implausible_diameter_estimate_raises():
+    # With the polarity forced wrong, the background is measured as one
+    # cell larger than the image.
+    image, _, _ = load_sample("fluorescence")
+    with pytest.raises(ValueError, match="estimated cell diameter") as error:
+        segment(image, method="classical", brightfield=True)
+    assert "--diameter" in str(error.value)
+    assert "560×672" in str(error.value)

@@ -51,8 +51,27 @@ DEFAULT_CELLPOSE_MODEL = "cyto3"
 # Cellpose 3's own cache folder, used when the environment variable is unset.
 CELLPOSE_DEFAULT_MODELS_DIR = pathlib.Path.home() / ".cellpose" / "models"
 
-# Diameter estimates are clipped to this range, in pixels.
+# Smallest cell diameter, in pixels: smaller estimates are raised to it, and
+# a smaller given diameter is rejected.
 MIN_DIAMETER = 6.0
+# An estimated diameter above this fraction of the shorter image side is
+# rejected: such a field would hold fewer than two cells across, so the
+# estimate measured something else (usually the background).
+MAX_ESTIMATE_FRACTION = 0.5
+
+# Polarity detection (see detect_brightfield) shrinks the grey image so that
+# its longer side becomes POLARITY_SIDE px, but by at most POLARITY_MAX_SHRINK,
+# so a cell of 12 px still spans MIN_DIAMETER px. When the shrunk image is
+# still wider than POLARITY_WINDOW px, at most POLARITY_WINDOWS_PER_AXIS²
+# windows of that side, spread evenly over it, are scored instead of the
+# whole image, which bounds the time on large fields.
+POLARITY_SIDE = 512
+POLARITY_MAX_SHRINK = 2.0
+POLARITY_WINDOW = 640
+POLARITY_WINDOWS_PER_AXIS = 2
+# A class whose hole filling covers more than this fraction of the other
+# class has the other class's objects as its holes, so it is the background.
+MAX_ENCLOSED_FRACTION = 0.5
 
 # Fluorescence thresholding (see _fluorescence_threshold): objects are
 # detected this many background noise units above the background, and each
@@ -208,8 +227,13 @@ def _objectness(mask: np.ndarray) -> float:
     at a diameter estimated from the class itself, and the score is the
     area-weighted mean solidity of the pieces. Cells give convex pieces
     (solidity near 1); the background between cells gives concave pieces.
-    A class whose estimated diameter exceeds the shorter image side scores
-    0, because no cell can be wider than the image.
+    The score is 0 for a class whose estimated diameter exceeds the shorter
+    image side, because no cell can be wider than the image. It is also 0
+    for a class whose hole filling covers more than
+    ``MAX_ENCLOSED_FRACTION`` of the other class: filling the central
+    pallor of cells covers a small part of the background, but filling the
+    holes of the background covers the cells themselves, and the filled
+    background would then look like one convex cell.
     """
     diameter = estimate_diameter(ndi.binary_fill_holes(mask))
     if diameter is None or diameter > min(mask.shape):
@@ -218,6 +242,11 @@ def _objectness(mask: np.ndarray) -> float:
     diameter = max(diameter, MIN_DIAMETER)
     cell_area = np.pi * (diameter / 2) ** 2
     filled = morphology.remove_small_holes(mask, max_size=int(0.5 * cell_area))
+    other_area = int(mask.size - np.count_nonzero(mask))
+    enclosed_area = int(np.count_nonzero(filled) - np.count_nonzero(mask))
+    if other_area and enclosed_area > MAX_ENCLOSED_FRACTION * other_area:
+        return 0.0
+
     pieces = measure.regionprops(_split_touching(filled, diameter))
     kept = [piece for piece in pieces if piece.area >= 0.25 * cell_area]
     if not kept:
@@ -227,18 +256,41 @@ def _objectness(mask: np.ndarray) -> float:
     return float((areas * solidities).sum() / areas.sum())
 
 
+def _polarity_windows(shape: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """Return the windows of a shrunk grey image that polarity detection scores.
+
+    One window covering the whole image when both sides are at most
+    ``POLARITY_WINDOW`` px, otherwise up to ``POLARITY_WINDOWS_PER_AXIS``
+    windows of that side per axis, evenly spaced from edge to edge.
+    """
+    spans_per_axis = []
+    for side in shape:
+        if side <= POLARITY_WINDOW:
+            spans_per_axis.append([(0, side)])
+            continue
+        starts = np.linspace(0, side - POLARITY_WINDOW, POLARITY_WINDOWS_PER_AXIS)
+        spans_per_axis.append([(round(start), round(start) + POLARITY_WINDOW)
+                               for start in starts])
+    return [(slice(*rows), slice(*cols))
+            for rows in spans_per_axis[0] for cols in spans_per_axis[1]]
+
+
 def detect_brightfield(image: np.ndarray) -> bool:
     """Guess whether cells are darker than the background.
 
-    The grey image (see :func:`to_grey`), downsampled to at most 512 px per
-    side, is split into a bright and a dark class by Otsu's threshold. Each
-    class is then scored by how much it looks like separate round cells
-    (:func:`_objectness`: solidity of its watershed pieces), and the class
-    with the higher score is taken to be the cells. This works in dense
-    fields where cells cover more area than the background. When the two
-    scores are within 0.02, the background is taken to be the class that
-    holds the tallest histogram peak, because a background is flat while
-    cell pixels spread over a wider range.
+    The grey image (see :func:`to_grey`) is shrunk so that its longer side
+    becomes ``POLARITY_SIDE`` (512) px, but by at most a factor of
+    ``POLARITY_MAX_SHRINK`` (2), so that cells keep their shape on large
+    fields. It is split into a bright and a dark class by Otsu's threshold.
+    Each class is then scored by how much it looks like separate round
+    cells (:func:`_objectness`: solidity of its watershed pieces), and the
+    class with the higher score is taken to be the cells. On a shrunk image
+    wider than ``POLARITY_WINDOW`` (640) px the scores are averaged over up
+    to 4 windows of that side (see :func:`_polarity_windows`). This works in
+    dense fields where cells cover more area than the background. When the
+    two scores are within 0.02, the background is taken to be the class
+    that contains the tallest histogram peak, because a background is flat
+    while cell pixels spread over a wider range.
 
     Parameters
     ----------
@@ -251,7 +303,7 @@ def detect_brightfield(image: np.ndarray) -> bool:
         True for brightfield (dark cells on a bright background).
     """
     grey = to_grey(image)
-    factor = max(grey.shape) / 512
+    factor = min(max(grey.shape) / POLARITY_SIDE, POLARITY_MAX_SHRINK)
     if factor > 1:
         small_shape = (round(grey.shape[0] / factor), round(grey.shape[1] / factor))
         grey = transform.resize(grey, small_shape, anti_aliasing=True)
@@ -259,10 +311,12 @@ def detect_brightfield(image: np.ndarray) -> bool:
     threshold = filters.threshold_otsu(smooth)
     bright = smooth > threshold
 
-    bright_score = _objectness(bright)
-    dark_score = _objectness(~bright)
-    logger.debug("Cell-likeness of the bright class %.3f, of the dark class %.3f",
-                 bright_score, dark_score)
+    windows = _polarity_windows(bright.shape)
+    bright_score = float(np.mean([_objectness(bright[window]) for window in windows]))
+    dark_score = float(np.mean([_objectness(~bright[window]) for window in windows]))
+    logger.debug("Cell-likeness of the bright class %.3f, of the dark class %.3f "
+                 "(%d windows, shrunk by %.2f)",
+                 bright_score, dark_score, len(windows), max(factor, 1.0))
     if abs(bright_score - dark_score) > 0.02:
         return dark_score > bright_score
 
@@ -329,7 +383,17 @@ def _correct_illumination(cells_bright: np.ndarray, diameter: float) -> np.ndarr
     factor = max(1.0, diameter / 8.0)
     small_shape = (max(4, round(cells_bright.shape[0] / factor)),
                    max(4, round(cells_bright.shape[1] / factor)))
-    small = transform.resize(cells_bright, small_shape, anti_aliasing=True)
+    source = cells_bright
+    if factor > 16:
+        # The anti-aliasing Gaussian of resize would be over 30 px wide and
+        # take seconds on a large field, so block means do most of the
+        # shrinking first. Trimming the last partial blocks shifts the
+        # background by less than a quarter of a small pixel.
+        block = int(factor // 4)
+        height, width = cells_bright.shape
+        trimmed = cells_bright[:height - height % block, :width - width % block]
+        source = transform.downscale_local_mean(trimmed, (block, block))
+    small = transform.resize(source, small_shape, anti_aliasing=True)
 
     radius = max(1, round(diameter / factor))
     background = morphology.opening(small, morphology.disk(radius))
@@ -493,7 +557,14 @@ def _cells_bright(image: np.ndarray, brightfield: Optional[bool]) -> tuple[np.nd
 
 
 def _resolve_diameter(cells_bright: np.ndarray, diameter: Optional[float]) -> float:
-    """Check a given diameter, or estimate one from a first Otsu mask."""
+    """Check a given diameter, or estimate one from a first Otsu mask.
+
+    Raises
+    ------
+    ValueError
+        For a given diameter outside [``MIN_DIAMETER``, shorter image side],
+        or an estimate above ``MAX_ESTIMATE_FRACTION`` of the shorter side.
+    """
     max_diameter = float(min(cells_bright.shape))
     if diameter is not None:
         if not (np.isfinite(diameter) and MIN_DIAMETER <= diameter <= max_diameter):
@@ -511,7 +582,17 @@ def _resolve_diameter(cells_bright: np.ndarray, diameter: Optional[float]) -> fl
         logger.warning("Could not estimate the cell diameter: no foreground found; "
                        "using %.0f px", 4 * MIN_DIAMETER)
         return 4 * MIN_DIAMETER
-    estimate = float(np.clip(estimate, MIN_DIAMETER, max_diameter))
+    largest_plausible = MAX_ESTIMATE_FRACTION * max_diameter
+    if estimate > largest_plausible:
+        raise ValueError(
+            f"estimated cell diameter {estimate:.0f} px is more than half the shorter "
+            f"side of the image ({cells_bright.shape[0]}×{cells_bright.shape[1]} px), so "
+            "the estimate is not a cell size (the background may have been taken for "
+            "cells): pass the typical cell diameter in pixels (--diameter on the command "
+            "line, 'Cell diameter' in the Find dock, diameter= in Python, where "
+            "brightfield= also sets the polarity)"
+        )
+    estimate = max(estimate, MIN_DIAMETER)
     logger.info("Estimated cell diameter %.1f px", estimate)
     return estimate
 
@@ -809,7 +890,8 @@ def segment(
     Raises
     ------
     ValueError
-        For an invalid image, diameter or method.
+        For an invalid image, diameter or method, or when the estimated
+        diameter exceeds half the shorter image side (pass ``diameter``).
     CellposeWeightsError
         When ``cellpose_model`` names a missing file, or ``method="cellpose"``
         and no weights exist.
