@@ -218,3 +218,67 @@ def test_find_fills_threshold_from_model(make_napari_viewer, tiny_fluorescence_m
 
     assert float(widget.threshold_edit.text()) == pytest.approx(stored, rel=1e-5)
     assert widget.device_label.text() == "Model runs on: cpu"
+
+
+def shipped_model(name):
+    from napari_supn.model_file import list_shipped_models
+
+    shipped = list_shipped_models()
+    assert name in shipped, f"shipped model {name!r} missing from {sorted(shipped)}"
+    return shipped[name]
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("giemsa", "giemsa"),
+    ("fluorescence", "fluorescence"),
+])
+def test_find_default_model_matches_layer(make_napari_viewer, key, expected):
+    viewer = make_napari_viewer()
+    image, _, _ = load_sample(key)
+    layer = viewer.add_image(image, name=key)
+    assert layer.rgb is (key == "giemsa")
+
+    widget = FindCellsWidget(viewer)
+
+    assert widget.selected_layer() is layer
+    assert widget.model_combo.currentText() == expected
+    assert widget.model_path() == shipped_model(expected)
+    assert "likelihood" in widget.model_info.text()
+
+
+def test_find_default_model_follows_selection(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = FindCellsWidget(viewer)
+    assert widget.model_combo.currentText() == "fluorescence"
+
+    giemsa, _, _ = load_sample("giemsa")
+    rgb_layer = viewer.add_image(giemsa, name="giemsa")
+    assert widget.selected_layer() is rgb_layer
+    assert widget.model_combo.currentText() == "giemsa"
+
+    fluorescence, _, _ = load_sample("fluorescence")
+    grey_layer = viewer.add_image(fluorescence, name="fluorescence")
+    widget.select_layer(grey_layer)
+    assert widget.model_combo.currentText() == "fluorescence"
+
+    widget.select_layer(rgb_layer)
+    assert widget.model_combo.currentText() == "giemsa"
+
+
+def test_find_keeps_model_user_picked(make_napari_viewer):
+    viewer = make_napari_viewer()
+    fluorescence, _, _ = load_sample("fluorescence")
+    giemsa, _, _ = load_sample("giemsa")
+    grey_layer = viewer.add_image(fluorescence, name="fluorescence")
+    rgb_layer = viewer.add_image(giemsa, name="giemsa")
+    widget = FindCellsWidget(viewer)
+    widget.select_layer(grey_layer)
+
+    # A pick in the list, as a click on an entry sends it.
+    index = widget.model_combo.findText("fluorescence-diagonal")
+    widget.model_combo.setCurrentIndex(index)
+    widget.model_combo.activated.emit(index)
+    widget.select_layer(rgb_layer)
+
+    assert widget.model_combo.currentText() == "fluorescence-diagonal"
+    assert widget.model_path() == shipped_model("fluorescence-diagonal")

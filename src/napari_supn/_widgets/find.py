@@ -6,7 +6,9 @@ layer: ``<source> cells`` (Labels with per-cell features), ``<source>
 whitened residual``, ``<source> tile scores`` and ``<source> suspects``
 (Points on flagged cells). The source layer is captured when the run starts,
 so switching layers during a run cannot misplace the results, and running
-again on the same source replaces its previous result layers.
+again on the same source replaces its previous result layers. Until the
+user picks a model, the dock follows the source layer: the shipped
+``giemsa`` model for an RGB layer, ``fluorescence`` for a grey one.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ BROWSE = "Browse…"
 
 #: Percentile of cell pixels used as the top of the residual maps' contrast range.
 CONTRAST_PERCENTILE = 99.5
+
+#: Shipped model chosen for the source layer until the user picks one, keyed
+#: by whether the layer is RGB.
+DEFAULT_MODELS = {True: "giemsa", False: "fluorescence"}
+#: Name endings of the baseline models, which are never chosen by default.
+BASELINE_SUFFIXES = ("-diagonal", "-spherical")
+
+
+def is_baseline(name: str) -> bool:
+    """Return whether a model list entry names a diagonal or spherical baseline."""
+    stem = name.removesuffix(" (this session)").removesuffix(".supn")
+    return stem.endswith(BASELINE_SUFFIXES)
 
 
 @dataclass
@@ -110,6 +124,11 @@ class FindCellsWidget(QWidget):
         self._extra_models: dict[str, Path] = {}
         self._model_info_cache: dict[tuple[str, float], object] = {}
         self._image_layers: list = []
+        # True once the user (or set_model) chose a model; until then the
+        # model follows the source layer (see _default_model_index).
+        self._model_chosen = False
+        # Restored when a file dialog opened from the model list is cancelled.
+        self._last_model_path: Optional[Path] = None
 
         self._build()
         self._refresh_layers()
@@ -129,6 +148,7 @@ class FindCellsWidget(QWidget):
 
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("2D grey or RGB image; for a stack, the plane shown now")
+        self.image_combo.currentIndexChanged.connect(self._apply_default_model)
         form.addRow("Image", self.image_combo)
 
         self.model_combo = QComboBox()
@@ -243,6 +263,9 @@ class FindCellsWidget(QWidget):
             active = self.viewer.layers.selection.active
             if active in self._image_layers:
                 self.image_combo.setCurrentIndex(self._image_layers.index(active))
+        # The index may be unchanged while the layer behind it changed, in
+        # which case currentIndexChanged does not fire.
+        self._apply_default_model()
 
     def _rename_layer(self, event=None) -> None:
         for index, layer in enumerate(self._image_layers):
@@ -270,7 +293,7 @@ class FindCellsWidget(QWidget):
         return entries
 
     def _refresh_models(self) -> None:
-        current = self.model_path()
+        current = self.model_path() or self._last_model_path
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
         for name, path in self._model_entries():
@@ -281,12 +304,61 @@ class FindCellsWidget(QWidget):
         paths = [self.model_combo.itemData(index) for index in range(self.model_combo.count())]
         if current is not None and str(current) in paths:
             self.model_combo.setCurrentIndex(paths.index(str(current)))
+            return
+
+        self._model_chosen = False
+        default = self._default_model_index()
+        self.model_combo.blockSignals(True)
+        self.model_combo.setCurrentIndex(default)
+        self.model_combo.blockSignals(False)
+        if default >= 0:
+            self._model_changed(default)
         elif self.model_combo.count() > 1:
-            self.model_combo.setCurrentIndex(0)
-            self._model_changed(0)
+            kind = "RGB" if self._selected_layer_is_rgb() else "grey"
+            self.model_info.setText(f"Pick a model: no listed model other than the "
+                                    f"baselines takes {kind} images.")
         else:
-            self.model_combo.setCurrentIndex(-1)
             self.model_info.setText("No model yet: train one or browse for a .supn file.")
+
+    def _selected_layer_is_rgb(self) -> bool:
+        layer = self.selected_layer()
+        return bool(layer is not None and layer.rgb)
+
+    def _default_model_index(self) -> int:
+        """Return the model list index that suits the chosen layer, or -1 for none.
+
+        That is the shipped ``giemsa`` model for an RGB layer and
+        ``fluorescence`` for a grey one (or when no layer is chosen). When
+        that model is not listed, it is the first listed model that is not a
+        ``-diagonal`` or ``-spherical`` baseline and takes the layer's
+        channels. Baselines are never returned.
+        """
+        rgb = self._selected_layer_is_rgb()
+        names = [self.model_combo.itemText(index) for index in range(self.model_combo.count())]
+        if DEFAULT_MODELS[rgb] in names:
+            return names.index(DEFAULT_MODELS[rgb])
+
+        layer_channels = "rgb" if rgb else "grey"
+        for index, name in enumerate(names):
+            data = self.model_combo.itemData(index)
+            if not data or is_baseline(name):
+                continue
+            try:
+                loaded = self._model_info(Path(data))
+            except ValueError as error:
+                logger.warning("Skipped model %s as a default: %s", data, error)
+                continue
+            if loaded.preprocessing.channels == layer_channels:
+                return index
+        return -1
+
+    def _apply_default_model(self, index: int = -1) -> None:
+        """Choose the model that suits the chosen layer, unless the user chose one."""
+        if self._model_chosen or not hasattr(self, "model_combo"):
+            return
+        default = self._default_model_index()
+        if default >= 0 and default != self.model_combo.currentIndex():
+            self.model_combo.setCurrentIndex(default)
 
     def model_path(self) -> Optional[Path]:
         """Return the file of the chosen model, or None."""
@@ -300,16 +372,20 @@ class FindCellsWidget(QWidget):
         for index in range(self.model_combo.count()):
             data = self.model_combo.itemData(index)
             if data and self.model_combo.itemText(index) in (str(name_or_path), f"{name_or_path} (this session)"):
+                self._model_chosen = True
                 self.model_combo.setCurrentIndex(index)
                 return
         path = resolve_model_path(name_or_path)
         self._extra_models[path.name] = path
         self._refresh_models()
         paths = [self.model_combo.itemData(index) for index in range(self.model_combo.count())]
+        self._model_chosen = True
         self.model_combo.setCurrentIndex(paths.index(str(path)))
 
     def _model_activated(self, index: int) -> None:
+        # activated fires only for a choice made in the list by the user.
         if self.model_combo.itemText(index) != BROWSE:
+            self._model_chosen = True
             return
         path, _ = QFileDialog.getOpenFileName(self, "Open a napari-supn model", "", "SUPN models (*.supn)")
         if path:
@@ -321,6 +397,7 @@ class FindCellsWidget(QWidget):
         path = self.model_path()
         if path is None:
             return
+        self._last_model_path = path
         try:
             loaded = self._model_info(path)
         except ValueError as error:
