@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from skimage import io
 
 from napari_supn.cli import main
@@ -38,3 +39,18 @@ def test_demo_missing_model_message(capsys, tmp_path):
 
     assert code == 2
     assert "is neither a file nor a shipped model name" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the display check runs on Linux only")
+def test_demo_without_display_message():
+    command = [sys.executable, "-m", "napari_supn", "demo"]
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "no display found" in result.stderr
+    assert "xvfb-run -a napari-supn demo --screenshot out.png" in result.stderr
+    assert "scripts/demo.sh" in result.stderr
+    assert "Traceback" not in result.stderr

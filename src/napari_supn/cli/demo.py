@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 
 logger = logging.getLogger("napari_supn")
@@ -13,6 +15,32 @@ SCREENSHOT_DELAY_MS = 1000
 
 #: Window size (width, height) in pixels for screenshots.
 SCREENSHOT_SIZE = (1400, 860)
+
+#: Environment variables that name a display, or a Qt platform that needs none.
+DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
+
+
+class NoDisplayError(RuntimeError):
+    """Raised when the demo would open a window on a machine without a display."""
+
+
+def check_display() -> None:
+    """Raise NoDisplayError on Linux when no display and no Qt platform are set.
+
+    Without a display, Qt's default xcb platform aborts the whole process
+    (exit status 134, core dump) when napari creates its application, so the
+    check runs before any Qt object exists. Other systems are not checked.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    if any(os.environ.get(name) for name in DISPLAY_VARIABLES):
+        return
+    raise NoDisplayError(
+        "no display found: DISPLAY and WAYLAND_DISPLAY are unset, so napari cannot open "
+        "a window. On a headless machine run the demo under a virtual display, e.g. "
+        "`xvfb-run -a napari-supn demo --screenshot out.png`, or run scripts/demo.sh, "
+        "which does that and also writes the scores to out/demo/"
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -55,6 +83,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    check_display()
+
     import napari
     from qtpy.QtCore import QTimer
 
