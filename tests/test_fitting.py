@@ -243,3 +243,19 @@ def test_cli_train_segmenter_needs_fields(tmp_path, capsys):
     assert status == 2
     assert "--fields" in capsys.readouterr().err
     assert not (tmp_path / "m.supn").exists()
+
+
+def test_fit_model_warns_about_weak_runs(tmp_path, caplog):
+    request = FitRequest(
+        data=CROPS, out=tmp_path / "weak.supn", stage1_iterations=0, stage2_iterations=2, **TINY
+    )
+    with caplog.at_level("WARNING", logger="napari_supn"):
+        fit_model(request)
+    assert "Stage 1 runs 0 iterations" in caplog.text
+    assert "Only 4 held-out crops set the threshold" in caplog.text
+
+
+def test_fit_request_rejects_negative_iterations(tmp_path):
+    request = FitRequest(data=CROPS, out=tmp_path / "bad.supn", stage1_iterations=-1, **TINY)
+    with pytest.raises(ValueError, match="stage1_iterations must be ≥ 0, got -1"):
+        fit_model(request)

@@ -46,6 +46,8 @@ SEGMENTERS = ("auto", "cellpose", "classical")
 #: Quantile of the held-out healthy cell scores stored as the default threshold.
 THRESHOLD_QUANTILE = 0.99
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.999)
+#: Fewer held-out crops than this make the stored threshold a rough estimate (warned).
+MIN_THRESHOLD_CROPS = 50
 
 StageCallback = Callable[[str], None]
 LossCallback = Callable[[tuple], None]
@@ -190,6 +192,9 @@ class FitRequest:
             raise ValueError(f"crop size must be a positive number of pixels, got {self.crop_size}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be ≥ 1, got {self.threads}")
+        for name in ("stage1_iterations", "stage2_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -496,6 +501,14 @@ def healthy_thresholds(model, images, masks, scoring: dict, seed: int) -> dict:
         return {}
 
     logger.info("Scoring %d held-out healthy crops for thresholds", images.shape[0])
+    if images.shape[0] < MIN_THRESHOLD_CROPS:
+        logger.warning(
+            "Only %d held-out crops set the threshold, so its %g quantile is a rough estimate; "
+            "use more crops or a larger --validation-fraction, or run napari-supn calibrate "
+            "on other healthy crops",
+            images.shape[0],
+            THRESHOLD_QUANTILE,
+        )
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     scores = score_crops(
@@ -682,6 +695,11 @@ def fit_model(
         )
     init = load_model(request.init) if request.init is not None else None
     stages = resolve_stages(request)
+    for stage_number in stages:
+        if getattr(request, f"stage{stage_number}_iterations") == 0:
+            logger.warning(
+                "Stage %d runs 0 iterations, so its part of the model stays untrained", stage_number
+            )
 
     config = TrainingConfig(
         stage1_iterations=request.stage1_iterations,
