@@ -70,13 +70,13 @@ def test_review_selection_centres_view(make_napari_viewer, scored_field, tiny_fl
     cells = show_results(viewer, image, result, tiny_fluorescence_model)
     label = review.table_labels()[2]
     row = cells.features.set_index("label").loc[label]
-    zoom_before = viewer.camera.zoom
+    zoom_before = viewer.scene.camera.zoom
 
     review.select_label(label)
 
     assert review.selected_label() == label
-    np.testing.assert_allclose(viewer.camera.center[-2:], [row["centroid_y"], row["centroid_x"]], atol=1e-6)
-    assert viewer.camera.zoom != zoom_before
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], [row["centroid_y"], row["centroid_x"]], atol=1e-6)
+    assert viewer.scene.camera.zoom != zoom_before
     assert cells.selected_label == label
 
 

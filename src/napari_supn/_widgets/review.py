@@ -233,14 +233,14 @@ class ReviewWidget(QWidget):
         cell = cell.iloc[0]
 
         world = np.asarray(layer.data_to_world([float(cell["centroid_y"]), float(cell["centroid_x"])]), float)
-        center = list(self.viewer.camera.center)
+        center = list(self.viewer.scene.camera.center)
         center[-2:] = world[-2:]
-        self.viewer.camera.center = tuple(center)
+        self.viewer.scene.camera.center = tuple(center)
 
         diameter = 2.0 * np.sqrt(float(cell["area"]) / np.pi) * float(np.max(np.abs(layer.scale[-2:])))
         canvas = min(self.viewer.canvas.size)
         if diameter > 0 and canvas > 0:
-            self.viewer.camera.zoom = CELL_FRACTION_OF_VIEW * canvas / diameter
+            self.viewer.scene.camera.zoom = CELL_FRACTION_OF_VIEW * canvas / diameter
         layer.selected_label = int(label)
 
     # -- annotation ----------------------------------------------------------
