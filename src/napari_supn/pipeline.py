@@ -259,7 +259,8 @@ def score_field(
     if height * width > max_pixels:
         raise ValueError(
             f"image of {height}×{width} pixels exceeds max_pixels={max_pixels}; "
-            "split it into tiles or raise max_pixels"
+            "split it into tiles of at most that size (in Python, score_field(..., "
+            "max_pixels=N) raises the limit)"
         )
 
     stored = loaded.metadata.get("scoring", {}) if isinstance(loaded.metadata, dict) else {}

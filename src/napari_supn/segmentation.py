@@ -571,7 +571,7 @@ def _resolve_diameter(cells_bright: np.ndarray, diameter: Optional[float]) -> fl
             raise ValueError(
                 f"diameter {diameter} px is outside [{MIN_DIAMETER}, {max_diameter:.0f}] "
                 f"for an image of shape {cells_bright.shape}: pass the typical cell "
-                "diameter in pixels, or None to estimate it"
+                "diameter in pixels, or leave it out (--diameter unset, diameter=None) to estimate it"
             )
         return float(diameter)
 
