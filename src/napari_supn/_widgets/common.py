@@ -242,7 +242,11 @@ class BackgroundTask:
         if self._progress_bar is not None:
             self._progress_bar.close()
             self._progress_bar = None
-        if outcome.error is not None:
+        if isinstance(outcome.error, (ValueError, FileNotFoundError)):
+            # Bad input: the dock shows and logs the message itself, so keep
+            # the traceback out of the user's log unless debugging.
+            logger.debug("%s failed: %s\n%s", self._description, outcome.error, outcome.traceback)
+        elif outcome.error is not None:
             logger.error("%s failed: %s\n%s", self._description, outcome.error, outcome.traceback)
         self._on_done(outcome)
 
