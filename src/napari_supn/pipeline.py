@@ -19,7 +19,7 @@ import torch
 
 from napari_supn.preprocessing import check_intensity_units
 from napari_supn.progress import CancelCheck, ProgressCallback, check_cancel, report
-from napari_supn.scoring import DEFAULT_SAMPLES, DEFAULT_TILE, score_crops
+from napari_supn.scoring import score_crops, stored_score_settings
 
 logger = logging.getLogger("napari_supn")
 
@@ -263,12 +263,10 @@ def score_field(
             "max_pixels=N) raises the limit)"
         )
 
-    stored = loaded.metadata.get("scoring", {}) if isinstance(loaded.metadata, dict) else {}
-    samples = samples if samples is not None else int(stored.get("samples", DEFAULT_SAMPLES))
-    tile = tile if tile is not None else int(stored.get("tile", DEFAULT_TILE))
-    mask_erosion = (
-        mask_erosion if mask_erosion is not None else int(stored.get("mask_erosion", 0))
-    )
+    stored = stored_score_settings(loaded.metadata)
+    samples = samples if samples is not None else stored["samples"]
+    tile = tile if tile is not None else stored["tile"]
+    mask_erosion = mask_erosion if mask_erosion is not None else stored["mask_erosion"]
     if threshold is None:
         threshold = model_threshold(loaded.metadata)
     if threshold is None:

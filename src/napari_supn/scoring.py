@@ -285,6 +285,23 @@ def score_crops(
     )
 
 
+def stored_score_settings(metadata: dict) -> dict:
+    """Return a model's stored score settings, with the package defaults for missing ones.
+
+    Returns
+    -------
+    dict
+        ``samples``, ``tile`` and ``mask_erosion`` as ints, read from
+        ``metadata["scoring"]``; defaults 16, 4 and 0.
+    """
+    stored = metadata.get("scoring", {}) if isinstance(metadata, dict) else {}
+    return {
+        "samples": int(stored.get("samples", DEFAULT_SAMPLES)),
+        "tile": int(stored.get("tile", DEFAULT_TILE)),
+        "mask_erosion": int(stored.get("mask_erosion", 0)),
+    }
+
+
 def healthy_quantiles(
     scores: np.ndarray, levels: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999)
 ) -> dict[str, float]:

@@ -416,11 +416,11 @@ class FindCellsWidget(QWidget):
 
     def _fill_model_defaults(self, loaded) -> None:
         from napari_supn.pipeline import model_threshold
-        from napari_supn.scoring import DEFAULT_SAMPLES, DEFAULT_TILE
+        from napari_supn.scoring import stored_score_settings
 
-        stored = loaded.metadata.get("scoring", {}) if isinstance(loaded.metadata, dict) else {}
-        self.samples_spin.setValue(int(stored.get("samples", DEFAULT_SAMPLES)))
-        self.tile_spin.setValue(int(stored.get("tile", DEFAULT_TILE)))
+        stored = stored_score_settings(loaded.metadata)
+        self.samples_spin.setValue(stored["samples"])
+        self.tile_spin.setValue(stored["tile"])
         threshold = model_threshold(loaded.metadata)
         self.threshold_edit.setText("" if threshold is None else f"{threshold:.6g}")
 

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from napari_supn.calibration import calibrate, select_crops
-    from napari_supn.cli.evaluate import scoring_defaults
+    from napari_supn.scoring import stored_score_settings
     from napari_supn.data import load_crops
     from napari_supn.device import select_device
     from napari_supn.model_file import load_model, save_model
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--healthy folder not found: {args.healthy}")
 
     loaded = load_model(args.model, device=select_device(args.device))
-    current = scoring_defaults(loaded.metadata)
+    current = stored_score_settings(loaded.metadata)
 
     crops = load_crops(args.healthy)
     if args.held_out:

@@ -62,16 +62,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def scoring_defaults(metadata: dict) -> dict:
-    """Return the score settings stored in a model's metadata, with package defaults."""
-    stored = metadata.get("scoring", {}) if isinstance(metadata, dict) else {}
-    return {
-        "samples": int(stored.get("samples", DEFAULT_SAMPLES)),
-        "tile": int(stored.get("tile", DEFAULT_TILE)),
-        "mask_erosion": int(stored.get("mask_erosion", 0)),
-    }
-
-
 def write_scores_csv(path: Path, result) -> None:
     """Write one row per crop with its label and both scores."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_supn.device import select_device
     from napari_supn.evaluation import evaluate_folders
     from napari_supn.model_file import load_model
+    from napari_supn.scoring import stored_score_settings
 
     for option, folder in (("--healthy", args.healthy), ("--anomalous", args.anomalous)):
         if not folder.is_dir():
@@ -97,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     loaded = load_model(args.model, device=device)
-    defaults = scoring_defaults(loaded.metadata)
+    defaults = stored_score_settings(loaded.metadata)
 
     result = evaluate_folders(
         loaded,

@@ -116,11 +116,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def warn_if_settings_differ(loaded, args: argparse.Namespace) -> None:
     """Warn when score settings differ from those the stored threshold was computed with."""
-    from napari_supn.cli.evaluate import scoring_defaults
+    from napari_supn.scoring import stored_score_settings
 
     if args.threshold is not None:
         return
-    stored = scoring_defaults(loaded.metadata)
+    stored = stored_score_settings(loaded.metadata)
     changed = [
         f"{name} {value} (model: {stored[name]})"
         for name, value in (("samples", args.samples), ("tile", args.tile))
