@@ -80,7 +80,7 @@ def test_ellipse_lies_inside_cell():
 
 
 @pytest.mark.parametrize("kind", ["noisy", "smooth"])
-def test_blend_ellipse_alpha_zero_is_identity_and_one_changes_ellipse(kind):
+def test_blend_ellipse_alpha_extremes(kind):
     image = torch.zeros(1, 32, 32)
     ellipse = np.zeros((32, 32), bool)
     ellipse[10:20, 12:18] = True

@@ -21,7 +21,7 @@ def select_device(requested: str | torch.device | None = None) -> torch.device:
     Raises
     ------
     ValueError
-        If the string is not a device torch knows, or CUDA is requested on a
+        If the string is not a valid torch device, or CUDA is requested on a
         machine without it.
     """
     if requested is None or requested == "auto":

@@ -2,7 +2,7 @@
 
 Long loops (training, scoring, segmentation of many fields) take two optional
 hooks: ``progress(done, total)`` reports work finished so far, and
-``cancel()`` returns True when the user asked to stop. A loop that sees a
+``cancel()`` returns True when the user requested a stop. A loop that receives a
 cancel request raises :class:`Cancelled` after leaving its outputs in a
 consistent state (for training: the last good checkpoint on disk).
 """

@@ -264,7 +264,7 @@ def run(args) -> int:
     from napari_supn.fitting import fit_model
     from napari_supn.progress import Cancelled
 
-    # The first Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next
+    # The first Ctrl-C (SIGINT) or SIGTERM requests a stop at the next
     # iteration, which writes a checkpoint that --resume continues from.
     stop = threading.Event()
 
